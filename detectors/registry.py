@@ -1,0 +1,57 @@
+"""The explicit detector registry: name -> class, and a factory with clear errors."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from detectors.base import Detector
+from detectors.ensemble import MaxNormEnsemble
+from detectors.logs.counts import IsolationForestCountDetector, LoglizerPCABaseline, PCACountDetector
+from detectors.logs.point import ErrorBurstDetector, ParameterRangeDetector, RareTemplateDetector
+from detectors.logs.sequence import LSTMSequenceDetector
+
+DETECTORS: dict[str, type[Detector[Any]]] = {
+    cls.name: cls
+    for cls in (
+        RareTemplateDetector,
+        ParameterRangeDetector,
+        ErrorBurstDetector,
+        PCACountDetector,
+        IsolationForestCountDetector,
+        LSTMSequenceDetector,
+        LoglizerPCABaseline,
+    )
+}
+
+# Named ensembles: what `--detector log-ensemble` builds.
+ENSEMBLES: dict[str, tuple[str, ...]] = {
+    "log-ensemble": ("log-rare-template", "log-pca", "log-lstm"),
+}
+
+
+def known_detectors() -> list[str]:
+    """Every name :func:`make_detector` accepts."""
+    return sorted([*DETECTORS, *ENSEMBLES])
+
+
+def make_detector(name: str, **params: Any) -> Detector[Any]:
+    """Build a detector by registry name.
+
+    Raises:
+        ValueError: Unknown name, or a parameter the detector does not take.
+    """
+    if name in ENSEMBLES:
+        member_params = params.pop("member_params", {}) or {}
+        members = [make_detector(m, **member_params.get(m, {})) for m in ENSEMBLES[name]]
+        ens = MaxNormEnsemble(members, **params)
+        ens.name = name  # type: ignore[misc]
+        return ens
+    if name not in DETECTORS:
+        raise ValueError(f"unknown detector {name!r}; known: {known_detectors()}")
+    cls = DETECTORS[name]
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    bad = set(params) - accepted
+    if bad:
+        raise ValueError(f"detector {name!r} takes no parameter(s) {sorted(bad)}; accepted: {sorted(accepted)}")
+    return cls(**params)
