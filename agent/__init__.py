@@ -1,0 +1,1 @@
+"""The explainer agent and the analyst surfaces (CLI now; chat, API, reports later)."""

@@ -1,0 +1,1 @@
+"""Fast detectors fitted on normal data; they emit candidates with evidence, never verdicts."""

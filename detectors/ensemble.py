@@ -61,9 +61,10 @@ class MaxNormEnsemble(Detector[X], Generic[X]):
         for member, value in zip(self.members, self._normalised([item])[:, 0]):
             if value > 1.0:
                 for ev in member.evidence(item, float(value * member.threshold_)):
-                    out.append(ev.model_copy(update={"id": f"{member.name}.{ev.id}",
-                                                     "data": {**ev.data, "detector": member.name,
-                                                              "normalised_score": round(float(value), 4)}}))
+                    out.append(Evidence(id=f"{member.name}.{ev.id}", kind=ev.kind, summary=ev.summary,
+                                        data={**ev.data, "detector": member.name,
+                                              "normalised_score": round(float(value), 4)},
+                                        artifact=ev.artifact))
         return tuple(out)
 
     def get_params(self) -> dict[str, Any]:

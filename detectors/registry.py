@@ -8,25 +8,48 @@ from typing import Any
 from detectors.base import Detector
 from detectors.ensemble import MaxNormEnsemble
 from detectors.logs.counts import IsolationForestCountDetector, LoglizerPCABaseline, PCACountDetector
-from detectors.logs.point import ErrorBurstDetector, ParameterRangeDetector, RareTemplateDetector
+from detectors.logs.point import (
+    CooccurrenceDetector,
+    ErrorBurstDetector,
+    ParameterRangeDetector,
+    RareTemplateDetector,
+)
 from detectors.logs.sequence import LSTMSequenceDetector
+from detectors.timeseries.context import ContextDiscrepancyDetector
+from detectors.timeseries.crossvar import CrossVariableDetector
+from detectors.timeseries.discord import MatrixProfileDetector
+from detectors.timeseries.ensemble import TimeSeriesEnsemble
+from detectors.timeseries.iforest import WindowIForestDetector
+from detectors.timeseries.residual import ResidualDetector
 
 DETECTORS: dict[str, type[Detector[Any]]] = {
     cls.name: cls
     for cls in (
         RareTemplateDetector,
+        CooccurrenceDetector,
         ParameterRangeDetector,
         ErrorBurstDetector,
         PCACountDetector,
         IsolationForestCountDetector,
         LSTMSequenceDetector,
         LoglizerPCABaseline,
+        ResidualDetector,
+        CrossVariableDetector,
+        ContextDiscrepancyDetector,
+        MatrixProfileDetector,
+        WindowIForestDetector,
+        TimeSeriesEnsemble,
     )
 }
 
 # Named ensembles: what `--detector log-ensemble` builds.
 ENSEMBLES: dict[str, tuple[str, ...]] = {
-    "log-ensemble": ("log-rare-template", "log-pca", "log-lstm"),
+    # Fast default: workflow invariants (counts and co-occurrence), never-seen lines,
+    # numbers out of range, error bursts.
+    "log-ensemble": ("log-pca", "log-cooccurrence", "log-rare-template", "log-param-range", "log-error-burst"),
+    # The same plus the LSTM's order model (slower to fit).
+    "log-ensemble-seq": ("log-pca", "log-cooccurrence", "log-rare-template", "log-param-range",
+                         "log-error-burst", "log-lstm"),
 }
 
 

@@ -1,0 +1,1 @@
+"""Versioned Jinja2 prompt templates and the verdict JSON schema. Built in the explainer issue."""

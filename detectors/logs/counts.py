@@ -39,13 +39,17 @@ class PCACountDetector(LogDetector):
         variance: Share of training variance the normal subspace keeps; the rest
             (near-zero directions = workflow invariants) is the anomaly space.
         unseen_weight: Residual added per line of an unseen template, which PCA
-            cannot see because its column is constant in training.
+            cannot see because its column is constant in training. Large, so a
+            never-seen template always clears the threshold.
+        contamination: Default 0: normal workflows leave (almost) no residual, so
+            the largest training residual is the natural edge of normal; a
+            quantile would put the threshold inside the point mass at zero.
     """
 
     name = "log-pca"
 
-    def __init__(self, *, variance: float = 0.999, unseen_weight: float = 1.0,
-                 contamination: float = 0.001, threshold: float | None = None) -> None:
+    def __init__(self, *, variance: float = 0.999, unseen_weight: float = 10.0,
+                 contamination: float = 0.0, threshold: float | None = None) -> None:
         super().__init__(contamination=contamination, threshold=threshold)
         if not 0.0 < variance < 1.0:
             raise ValueError(f"variance must be in (0, 1), got {variance!r}")

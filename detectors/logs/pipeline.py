@@ -26,6 +26,7 @@ class LogParser:
         self.miner = TemplateMiner(config or ParserConfig())
         self.timestamps = timestamps
         self._template_text: dict[int, str] = {}
+        self._ts_cache: dict[tuple[str | None, ...], float | None] = {}
 
     def learn(self, records: Iterable[LogRecord]) -> int:
         """Learn templates from normal records; returns how many records were used."""
@@ -43,8 +44,19 @@ class LogParser:
             tid, text = UNSEEN, "<unseen>"
         else:
             text = self._template_text.get(tid) or self.miner.template(tid)
-        ts = parse_timestamp(record.fields) if self.timestamps and record.fields else None
+        ts = self._timestamp(record.fields) if self.timestamps and record.fields else None
         return LogEvent(record.line_no, tid, text, record.level, record.content, ts)
+
+    def _timestamp(self, fields: dict[str, str]) -> float | None:
+        # Consecutive lines share their header time: a dict hit instead of a parse.
+        key = (fields.get("Date"), fields.get("Time"), fields.get("Timestamp"))
+        cache = self._ts_cache
+        if key in cache:
+            return cache[key]
+        if len(cache) > 50_000:
+            cache.clear()
+        value = cache[key] = parse_timestamp(fields)
+        return value
 
     def events(self, records: Iterable[LogRecord]) -> Iterator[LogEvent]:
         """Match many records."""

@@ -19,7 +19,9 @@ from detectors.logs.ingest import ERROR_LEVELS, WARN_LEVELS
 from detectors.logs.sessions import UNSEEN, LogSequence
 from detectors.records import Evidence
 
-_NUMBER = re.compile(r"(?<![A-Za-z0-9_.])[-+]?\d+(?:\.\d+)?(?![A-Za-z0-9_])")
+# A number that is a whole token (after a space, '=', ':', '(' or ','), so digits
+# inside ids such as blk_-123 or 10.0.0.1 are not mistaken for measurements.
+_NUMBER = re.compile(r"(?:(?<=^)|(?<=[\s=:(\[,]))[-+]?\d+(?:\.\d+)?(?=$|[\s,;)\]]|ms\b|s\b|%)")
 
 
 class RareTemplateDetector(LogDetector):
@@ -88,15 +90,21 @@ class ParameterRangeDetector(LogDetector):
     Args:
         min_count: Positions seen fewer times are not checked (too little evidence).
         max_positions: Numbers per message that are checked.
+        margin: Training values define the range, so every training score is 0;
+            the threshold is ``margin`` range-widths beyond the edge instead.
     """
 
     name = "log-param-range"
 
-    def __init__(self, *, min_count: int = 30, max_positions: int = 8,
-                 contamination: float = 0.001, threshold: float | None = None) -> None:
+    def __init__(self, *, min_count: int = 30, max_positions: int = 8, margin: float = 1.0,
+                 contamination: float = 0.0, threshold: float | None = None) -> None:
         super().__init__(contamination=contamination, threshold=threshold)
         self.min_count = min_count
         self.max_positions = max_positions
+        self.margin = margin
+
+    def _learned_threshold(self) -> float | None:
+        return max(float(np.max(self.train_scores_)), self.margin)
 
     def _numbers(self, content: str) -> list[float]:
         return [float(x) for x in _NUMBER.findall(content)[: self.max_positions]]
@@ -114,9 +122,12 @@ class ParameterRangeDetector(LogDetector):
             if len(vals) >= self.min_count:
                 arr = np.asarray(vals)
                 self.ranges_[key] = (float(arr.min()), float(arr.max()))
+        self.templates_with_ranges_ = frozenset(tid for tid, _ in self.ranges_)
 
     def _line_excess(self, template_id: int, content: str) -> list[tuple[float, int, float, tuple[float, float]]]:
         out = []
+        if template_id not in self.templates_with_ranges_:
+            return out
         for k, v in enumerate(self._numbers(content)):
             rng = self.ranges_.get((template_id, k))
             if rng is None:
@@ -129,11 +140,23 @@ class ParameterRangeDetector(LogDetector):
 
     def _score(self, items: Sequence[LogSequence]) -> np.ndarray:
         scores = np.zeros(len(items))
+        checked = self.templates_with_ranges_
+        ranges = self.ranges_
+        limit = self.max_positions
         for i, seq in enumerate(items):
             best = 0.0
             for event in seq.events:
-                for excess, *_ in self._line_excess(event.template_id, event.content):
-                    best = max(best, excess)
+                tid = event.template_id
+                if tid not in checked:
+                    continue
+                for k, text in enumerate(_NUMBER.findall(event.content)[:limit]):
+                    rng = ranges.get((tid, k))
+                    if rng is not None:
+                        v = float(text)
+                        lo, hi = rng
+                        if v < lo or v > hi:
+                            width = max(hi - lo, abs(hi) * 0.01, 1e-9)
+                            best = max(best, (lo - v) / width if v < lo else (v - hi) / width)
             scores[i] = best
         return scores
 
@@ -204,4 +227,65 @@ class ErrorBurstDetector(LogDetector):
                     f"{len(events)} {label}-level line(s) where about {expected:.2f} are normal, first at line {events[0].line_no}",
                     events, f"{label}_burst", observed=len(events), expected=round(expected, 4),
                 ))
+        return tuple(out)
+
+
+class CooccurrenceDetector(LogDetector):
+    """Flags sequences where two templates occur together that never (or rarely) do in normal ones.
+
+    The set-level analogue of unseen n-grams: it ignores the order of lines, so it
+    is robust to the interleaving of concurrent work inside one session, yet it sees
+    conjunctions a linear count model cannot (in HDFS: a block that was
+    re-replicated *and* then fully deleted). Score = largest surprise
+    ``-log10(p)`` over the sequence's template pairs, ``p`` the smoothed share of
+    normal training sequences containing the pair.
+
+    Args:
+        smoothing: Pseudo-count per pair.
+        max_templates: Sequences with more distinct templates only check the pairs
+            among their first ``max_templates`` (bounds cost on huge windows).
+    """
+
+    name = "log-cooccurrence"
+
+    def __init__(self, *, smoothing: float = 0.5, max_templates: int = 64,
+                 contamination: float = 0.0, threshold: float | None = None) -> None:
+        super().__init__(contamination=contamination, threshold=threshold)
+        self.smoothing = smoothing
+        self.max_templates = max_templates
+
+    def _pairs(self, seq: LogSequence) -> list[tuple[int, int]]:
+        ids = sorted(set(seq.templates))[: self.max_templates]
+        return [(a, b) for i, a in enumerate(ids) for b in ids[i + 1:]]
+
+    def _fit(self, items: Sequence[LogSequence]) -> None:
+        counts: Counter[tuple[int, int]] = Counter()
+        for seq in items:
+            counts.update(self._pairs(seq))
+        self.pair_counts_ = dict(counts)
+        self.n_train_ = len(items)
+
+    def _surprise(self, pair: tuple[int, int]) -> float:
+        count = self.pair_counts_.get(pair, 0)
+        return -math.log10((count + self.smoothing) / (self.n_train_ + self.smoothing))
+
+    def _score(self, items: Sequence[LogSequence]) -> np.ndarray:
+        return np.array([max((self._surprise(p) for p in self._pairs(s)), default=0.0) for s in items])
+
+    def evidence(self, item: LogSequence, score: float) -> tuple[Evidence, ...]:
+        pairs = sorted(self._pairs(item), key=self._surprise, reverse=True)
+        out: list[Evidence] = []
+        for a, b in pairs:
+            if self._surprise((a, b)) <= self.threshold_ or len(out) >= 3:
+                break
+            ev_a = [e for e in item.events if e.template_id == a]
+            ev_b = [e for e in item.events if e.template_id == b]
+            seen = self.pair_counts_.get((a, b), 0)
+            out.append(line_evidence(
+                f"E{len(out) + 1}",
+                f"'{ev_a[0].template[:70]}' (line {ev_a[0].line_no}) and '{ev_b[0].template[:70]}' "
+                f"(line {ev_b[0].line_no}) occur together in only {seen} of {self.n_train_} normal sequences",
+                ev_a[:3] + ev_b[:3], "rare_cooccurrence", normal_sequences_with_pair=seen,
+                normal_sequences=self.n_train_,
+            ))
         return tuple(out)

@@ -9,10 +9,11 @@ session idle for ``max_idle_lines``), so memory stays bounded on long inputs.
 from __future__ import annotations
 
 import re
-from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 from datetime import datetime
+from functools import lru_cache
 
 UNSEEN = 0
 """Template id of a line that matches no template learned on normal data."""
@@ -80,16 +81,46 @@ _TIME_FORMATS: tuple[tuple[tuple[str, ...], str], ...] = (
 def parse_timestamp(fields: dict[str, str]) -> float | None:
     """Best-effort epoch seconds from common header fields; ``None`` if none parse."""
     for keys, fmt in _TIME_FORMATS:
-        if not all(k in fields for k in keys):
-            continue
-        text = " ".join(fields[k] for k in keys)
-        try:
-            if fmt == "%s":
-                return float(text)
-            return datetime.strptime(text, fmt).timestamp()
-        except ValueError:
-            continue
+        if all(k in fields for k in keys):
+            value = _parse_time_text(" ".join(fields[k] for k in keys), fmt)
+            if value is not None:
+                return value
     return None
+
+
+_HMS = re.compile(r"(\d{1,2}):?(\d{2}):?(\d{2})(?:[.,](\d+))?$")
+
+
+@lru_cache(maxsize=4096)
+def _day_start(text: str, fmt: str) -> float | None:
+    try:
+        return datetime.strptime(text, fmt).timestamp()
+    except ValueError:
+        return None
+
+
+def _parse_time_text(text: str, fmt: str) -> float | None:
+    # strptime per line dominated ingest time; days repeat, so parse the date part
+    # once (cached) and add the clock time read with a small regex.
+    if fmt == "%s":
+        try:
+            return float(text)
+        except ValueError:
+            return None
+    date_part, _, clock = text.partition(" ")
+    date_fmt, _, clock_fmt = fmt.partition(" ")
+    day = _day_start(date_part, date_fmt)
+    match = _HMS.match(clock)
+    if day is None or match is None:
+        return None
+    h, m, sec, frac = match.groups()
+    value = day + int(h) * 3600 + int(m) * 60 + int(sec)
+    if frac and "%f" in clock_fmt:
+        value += float("0." + frac)
+    return value
+
+
+_NONE: list[LogSequence] = []  # shared empty result; callers only iterate it
 
 
 class Sessionizer:
@@ -129,22 +160,22 @@ class Sessionizer:
         self.max_idle_lines = max_idle_lines
         self.without_id = 0
         self.without_time = 0
-        self._open: OrderedDict[str, tuple[int, list[LogEvent]]] = OrderedDict()
+        self._open: dict[str, list[Any]] = {}  # id -> [last line, events]
+        self._next_sweep = self.max_idle_lines // 8 or 1
         self._window: list[LogEvent] = []
         self._window_start: float | None = None
 
-    def add(self, event: LogEvent) -> Iterator[LogSequence]:
-        """Add one event; yields the sequences it completes."""
+    def add(self, event: LogEvent) -> list[LogSequence]:
+        """Add one event; returns the sequences it completes (usually none)."""
         if self.mode == "session":
-            yield from self._add_session(event)
-        elif self.mode == "count":
-            yield from self._add_count(event)
-        else:
-            yield from self._add_time(event)
+            return self._add_session(event)
+        if self.mode == "count":
+            return list(self._add_count(event))
+        return list(self._add_time(event))
 
     def flush(self) -> Iterator[LogSequence]:
         """End of input: emit everything still open."""
-        for sid, (_, events) in self._open.items():
+        for sid, (_, events) in sorted(self._open.items(), key=lambda kv: kv[1][1][0].line_no):
             yield LogSequence(sid, tuple(events))
         self._open.clear()
         if self._window:
@@ -160,25 +191,28 @@ class Sessionizer:
         return out
 
     # -- modes -------------------------------------------------------------------------
-    def _add_session(self, event: LogEvent) -> Iterator[LogSequence]:
+    def _add_session(self, event: LogEvent) -> list[LogSequence]:
         ids = self.id_regex.findall(event.content)
         if not ids:
             self.without_id += 1
-        for sid in dict.fromkeys(ids):
+        line = event.line_no
+        for sid in ids if len(ids) == 1 else dict.fromkeys(ids):
             entry = self._open.get(sid)
             if entry is None:
-                self._open[sid] = (event.line_no, [event])
+                self._open[sid] = [line, [event]]
             else:
+                entry[0] = line
                 entry[1].append(event)
-                self._open[sid] = (event.line_no, entry[1])
-                self._open.move_to_end(sid)
-        # Oldest-touched sessions sit at the front; close the idle ones.
-        while self._open:
-            sid, (last, events) = next(iter(self._open.items()))
-            if event.line_no - last < self.max_idle_lines:
-                break
-            del self._open[sid]
-            yield LogSequence(sid, tuple(events))
+        if line < self._next_sweep:
+            return _NONE
+        # Sweep for idle sessions now and then rather than keeping an LRU order per
+        # line: a session closes between max_idle_lines and 1.125x that after its
+        # last line, and the per-line cost stays a dict lookup.
+        self._next_sweep = line + (self.max_idle_lines // 8 or 1)
+        cutoff = line - self.max_idle_lines
+        idle = sorted((sid for sid, (last, _) in self._open.items() if last <= cutoff),
+                      key=lambda sid: self._open[sid][0])
+        return [LogSequence(sid, tuple(self._open.pop(sid)[1])) for sid in idle]
 
     def _window_seq(self, events: list[LogEvent]) -> LogSequence:
         if self.mode == "time" and events[0].timestamp is not None:

@@ -1,0 +1,253 @@
+"""The ``anomaly-agent`` command line: detect, eval, bench, demo.
+
+Every option has a default, a flag and an environment variable
+(``ANOMALY_AGENT_<OPTION>``, e.g. ``ANOMALY_AGENT_DETECTOR``); nothing is read
+silently from the working directory. User errors print one clear line and exit
+with status 2 -- never a bare traceback.
+
+This is the one module in ``agent`` that imports ``eval`` (lazily, for the ``eval``
+and ``bench`` subcommands); the rest of ``agent`` does not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEMO_DIR = REPO_ROOT / "samples" / "hdfs_demo"
+
+
+def _env(name: str, default: Any) -> Any:
+    value = os.environ.get(f"ANOMALY_AGENT_{name.upper().replace('-', '_')}")
+    if value is None:
+        return default
+    if isinstance(default, bool):
+        return value.lower() in ("1", "true", "yes", "on")
+    if isinstance(default, int):
+        return int(value)
+    if isinstance(default, float):
+        return float(value)
+    return value
+
+
+class UserError(Exception):
+    """A problem with the user's input or settings: printed without a traceback."""
+
+
+# -- detect -------------------------------------------------------------------------------
+def _grouping(args: argparse.Namespace) -> dict[str, Any]:
+    grouping: dict[str, Any] = {"mode": args.group}
+    if args.group == "session":
+        grouping.update(id_pattern=args.id_pattern, max_idle_lines=args.max_idle_lines)
+    else:
+        grouping.update(size=args.window, step=args.step)
+    return grouping
+
+
+def _parser_config(name: str):  # noqa: ANN202
+    from detectors.logs.templates import load_preset
+
+    return load_preset(name)
+
+
+def cmd_detect(args: argparse.Namespace) -> int:
+    from detectors.logs.ingest import IngestReport, read_log
+    from detectors.logs.pipeline import LogPipeline
+    from detectors.registry import make_detector
+
+    pipe = LogPipeline(make_detector(args.detector), log_format=args.format,
+                       parser=_parser_config(args.parser), grouping=_grouping(args))
+    if args.train:
+        report = pipe.fit(Path(args.train))
+        print(f"fitted on {args.train}: {report.summary()}", file=sys.stderr)
+    else:
+        records = []
+        report = IngestReport(source=args.input)
+        total = 0
+        for rec in read_log(args.input, args.format, report=report):
+            total += 1
+            records.append(rec)
+        n_fit = max(1, int(len(records) * args.train_fraction))
+        print(f"no --train file: fitting on the first {n_fit} of {total} lines of {args.input}, "
+              "assumed mostly normal", file=sys.stderr)
+        pipe.fit_sequences(records[:n_fit])
+        del records
+    lo_hi = None
+    if args.lines:
+        try:
+            lo, hi = (int(x) for x in args.lines.split("-", 1))
+        except ValueError as exc:
+            raise UserError(f"--lines must look like 100-500, got {args.lines!r}") from exc
+        lo_hi = (lo, hi)
+    result = pipe.detect(Path(args.input), line_range=lo_hi)
+    out = Path(args.out) if args.out else None
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with out.open("w") as fh:
+            for cand in result.candidates:
+                fh.write(cand.to_json() + "\n")
+    print(result.report.summary(), file=sys.stderr)
+    if result.unseen_lines:
+        print(f"{result.unseen_lines} line(s) matched no template learned from normal data", file=sys.stderr)
+    _print_candidates(result.candidates[: args.top], result.sequences_scored)
+    if out:
+        print(f"wrote {len(result.candidates)} candidates to {out}")
+    return 0
+
+
+def _print_candidates(candidates: Sequence[Any], scored: int) -> None:
+    print(f"{len(candidates)} top candidate(s) of {scored} sequences scored")
+    for rank, cand in enumerate(candidates, 1):
+        loc = cand.locator
+        print(f"{rank:3d}. {loc.get('sequence')}  score {cand.score:.3g} (threshold {cand.threshold:.3g}, "
+              f"{cand.detector})  lines {loc.get('first_line')}-{loc.get('last_line')}")
+        for ev in cand.evidence[:3]:
+            lines = ev.data.get("lines", [])
+            print(f"       [{ev.id}] {ev.summary}  lines {lines[:6]}")
+
+
+# -- eval / bench ------------------------------------------------------------------------
+def cmd_eval(args: argparse.Namespace) -> int:
+    if args.what != "logs":
+        raise UserError(f"unknown evaluation {args.what!r}; choices: ['logs']")
+    from eval import logs
+
+    data_dir = Path(args.data_dir)
+    if not data_dir.is_dir():
+        raise UserError(f"--data-dir {data_dir} is not a directory; it must hold hdfs_labelled/, loghub_2k/ "
+                        "and loghub_2k_corrected/ (see README, 'Data')")
+    detectors = tuple(args.detectors.split(",")) if args.detectors else logs.LOG_DETECTORS
+    fractions = tuple(float(x) for x in args.splits.split(",")) if args.splits else ()
+    modes = () if args.skip_parsing else ("per-system", "generic")
+    logs.run(data_dir, Path(args.out) if args.out else None, detectors=detectors, fractions=fractions,
+             parsing_modes=modes)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.what != "logs":
+        raise UserError(f"unknown benchmark {args.what!r}; choices: ['logs']")
+    from eval.bench import bench_logs
+
+    path = Path(args.file) if args.file else DEMO_DIR / "test.log"
+    result = bench_logs(path, log_format=args.format, parser=args.parser, detector=args.detector,
+                        memory_factor=args.memory_factor, id_pattern=args.id_pattern)
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+# -- demo ----------------------------------------------------------------------------------
+def cmd_demo(args: argparse.Namespace) -> int:
+    from detectors.logs.pipeline import LogPipeline
+    from detectors.registry import make_detector
+
+    sample = Path(args.sample)
+    train, test, labels_csv = sample / "train.log", sample / "test.log", sample / "test_labels.csv"
+    if not train.exists():
+        raise UserError(f"demo sample missing: {train}; regenerate with `python -m eval.synth {sample}`")
+    pipe = LogPipeline(make_detector(args.detector), log_format="hdfs", parser=_parser_config("hdfs"),
+                       grouping={"mode": "session", "id_pattern": r"blk_-?\d+"})
+    pipe.fit(train)
+    result = pipe.detect(test)
+    print(f"anomaly-agent demo: fitted {args.detector} on {train.name} (normal operation), "
+          f"scored {result.sequences_scored} block sessions of {test.name}\n")
+    _print_candidates(result.candidates[: args.top], result.sequences_scored)
+    if labels_csv.exists():
+        import csv
+
+        with labels_csv.open() as fh:
+            truth = {r["BlockId"]: r["Label"] == "Anomaly" for r in csv.DictReader(fh)}
+        flagged = {c.locator.get("sequence") for c in result.candidates}
+        tp = sum(1 for b in flagged if truth.get(b))
+        n_anom = sum(truth.values())
+        precision = tp / len(flagged) if flagged else 0.0
+        recall = tp / n_anom if n_anom else 0.0
+        print(f"\nagainst the sample's labels: {len(flagged)} flagged, {tp} of {n_anom} anomalous blocks found "
+              f"(precision {precision:.2f}, recall {recall:.2f})")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w") as fh:
+        for cand in result.candidates:
+            fh.write(cand.to_json() + "\n")
+    print(f"wrote {len(result.candidates)} candidates to {out}")
+    return 0
+
+
+# -- wiring --------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    from detectors.registry import known_detectors
+
+    p = argparse.ArgumentParser(prog="anomaly-agent", description="Find, rank and explain anomalies in logs.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def add_log_options(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--format", default=_env("format", "hdfs"),
+                        help="format string like '<Date> <Time> <Level> <Content>' or a system name (hdfs, bgl, ...)")
+        sp.add_argument("--parser", default=_env("parser", "hdfs"), help="drain3 preset in detectors/logs/parsers.toml")
+        sp.add_argument("--detector", default=_env("detector", "log-ensemble"), choices=known_detectors())
+        sp.add_argument("--id-pattern", default=_env("id_pattern", r"blk_-?\d+"), help="regex naming a line's session")
+
+    d = sub.add_parser("detect", help="rank anomalous sessions/windows of a log file")
+    d.add_argument("input")
+    add_log_options(d)
+    d.add_argument("--train", default=_env("train", None), help="log of normal operation to fit on")
+    d.add_argument("--train-fraction", type=float, default=_env("train_fraction", 0.2),
+                   help="without --train: fit on this leading share of the input")
+    d.add_argument("--group", choices=["session", "count", "time"], default=_env("group", "session"))
+    d.add_argument("--window", type=float, default=_env("window", 100.0), help="window size (lines or seconds)")
+    d.add_argument("--step", type=float, default=_env("step", None), help="window step (default: tumbling)")
+    d.add_argument("--max-idle-lines", type=int, default=_env("max_idle_lines", 200_000))
+    d.add_argument("--lines", default=None, help="only lines in this range, e.g. 1000-2000")
+    d.add_argument("--top", type=int, default=_env("top", 20))
+    d.add_argument("--out", default=_env("out", None), help="write all candidates as JSON lines")
+    d.set_defaults(func=cmd_detect)
+
+    e = sub.add_parser("eval", help="measure on public labelled data")
+    e.add_argument("what", choices=["logs"])
+    e.add_argument("--data-dir", required=_env("data_dir", None) is None, default=_env("data_dir", None))
+    e.add_argument("--out", default=_env("eval_out", None))
+    e.add_argument("--detectors", default=None, help="comma-separated subset")
+    e.add_argument("--splits", default="0.8,0.5", help="chronological train fractions, comma-separated")
+    e.add_argument("--skip-parsing", action="store_true")
+    e.set_defaults(func=cmd_eval)
+
+    b = sub.add_parser("bench", help="throughput and memory as ratios measured in one run")
+    b.add_argument("what", choices=["logs"])
+    b.add_argument("file", nargs="?")
+    add_log_options(b)
+    b.add_argument("--memory-factor", type=int, default=_env("memory_factor", 10))
+    b.add_argument("--out", default=None)
+    b.set_defaults(func=cmd_bench)
+
+    m = sub.add_parser("demo", help="run the main job on the bundled sample")
+    m.add_argument("--sample", default=_env("sample", str(DEMO_DIR)))
+    m.add_argument("--detector", default=_env("detector", "log-ensemble"), choices=known_detectors())
+    m.add_argument("--top", type=int, default=10)
+    m.add_argument("--out", default=_env("demo_out", "out/demo_candidates.jsonl"))
+    m.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the process exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (UserError, ValueError, FileNotFoundError, IsADirectoryError, PermissionError) as exc:
+        print(f"anomaly-agent {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
