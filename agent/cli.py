@@ -114,14 +114,17 @@ def _print_candidates(candidates: Sequence[Any], scored: int) -> None:
 
 # -- eval / bench ------------------------------------------------------------------------
 def cmd_eval(args: argparse.Namespace) -> int:
-    if args.what != "logs":
-        raise UserError(f"unknown evaluation {args.what!r}; choices: ['logs']")
-    from eval import logs
-
     data_dir = Path(args.data_dir)
     if not data_dir.is_dir():
-        raise UserError(f"--data-dir {data_dir} is not a directory; it must hold hdfs_labelled/, loghub_2k/ "
-                        "and loghub_2k_corrected/ (see README, 'Data')")
+        raise UserError(f"--data-dir {data_dir} is not a directory; it must hold the data sets "
+                        "(hdfs_labelled/, loghub_2k/, loghub_2k_corrected/, nab/, smap_msl/; see README, 'Data')")
+    if args.what == "timeseries":
+        from eval import timeseries
+
+        timeseries.run(data_dir, Path(args.out) if args.out else None, include_slow=not args.fast)
+        return 0
+    from eval import logs
+
     detectors = tuple(args.detectors.split(",")) if args.detectors else logs.LOG_DETECTORS
     fractions = tuple(float(x) for x in args.splits.split(",")) if args.splits else ()
     modes = () if args.skip_parsing else ("per-system", "generic")
@@ -131,8 +134,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    if args.what != "logs":
-        raise UserError(f"unknown benchmark {args.what!r}; choices: ['logs']")
+    if args.what == "timeseries":
+        from eval.ts_bench import bench_timeseries
+
+        result = bench_timeseries()
+        if args.out:
+            Path(args.out).write_text(json.dumps(result, indent=2))
+        return 0
     from eval.bench import bench_logs
 
     path = Path(args.file) if args.file else DEMO_DIR / "test.log"
@@ -184,7 +192,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from detectors.registry import known_detectors
 
-    p = argparse.ArgumentParser(prog="anomaly-agent", description="Find, rank and explain anomalies in logs.")
+    p = argparse.ArgumentParser(prog="anomaly-agent",
+                                description="Find, rank and explain anomalies in logs and time series.")
     sub = p.add_subparsers(dest="command", required=True)
 
     def add_log_options(sp: argparse.ArgumentParser) -> None:
@@ -210,17 +219,18 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_detect)
 
     e = sub.add_parser("eval", help="measure on public labelled data")
-    e.add_argument("what", choices=["logs"])
+    e.add_argument("what", choices=["logs", "timeseries"])
     e.add_argument("--data-dir", required=_env("data_dir", None) is None, default=_env("data_dir", None))
     e.add_argument("--out", default=_env("eval_out", None))
     e.add_argument("--detectors", default=None, help="comma-separated subset")
     e.add_argument("--splits", default="0.8,0.5", help="chronological train fractions, comma-separated")
-    e.add_argument("--skip-parsing", action="store_true")
+    e.add_argument("--skip-parsing", action="store_true", help="logs: HDFS only")
+    e.add_argument("--fast", action="store_true", help="timeseries: skip the slow matrix-profile runs")
     e.set_defaults(func=cmd_eval)
 
     b = sub.add_parser("bench", help="throughput and memory as ratios measured in one run")
-    b.add_argument("what", choices=["logs"])
-    b.add_argument("file", nargs="?")
+    b.add_argument("what", choices=["logs", "timeseries"])
+    b.add_argument("file", nargs="?", help="logs: the log file (default: the bundled demo sample)")
     add_log_options(b)
     b.add_argument("--memory-factor", type=int, default=_env("memory_factor", 10))
     b.add_argument("--out", default=None)

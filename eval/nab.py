@@ -316,6 +316,18 @@ def _likelihood(*makes: Callable[[], Any]) -> ScoreFn:
     return fn
 
 
+def _online_member(raw: ScoreFn, *, novelty: bool = True, rest: bool = True) -> ScoreFn:
+    """One online raw scorer through the NAB likelihood, optionally novelty and the rest period (ablations)."""
+    from detectors.timeseries import online
+
+    def fn(x: np.ndarray, p: int) -> np.ndarray:
+        s = online.nab_likelihood(raw(x, p), p)
+        if novelty:
+            s = np.maximum(s, online.spatial_novelty(x, p))
+        return online.suppress(s, 0.5, int(0.2 * p)) if rest else s
+    return fn
+
+
 def default_scorers(include_slow: bool = True) -> dict[str, ScoreFn]:
     """Our NAB entries and in-run baselines (all causal; fitted on the probationary rows)."""
     from detectors.timeseries.context import ContextDiscrepancyDetector
@@ -323,9 +335,19 @@ def default_scorers(include_slow: bool = True) -> dict[str, ScoreFn]:
     from detectors.timeseries.iforest import WindowIForestDetector
     from detectors.timeseries.residual import ResidualDetector
 
+    from detectors.timeseries import online
+
     res = lambda: ResidualDetector(span=10, smooth=5)  # noqa: E731
     ctx = lambda: ContextDiscrepancyDetector(window=8, n_context=8)  # noqa: E731
     out: dict[str, ScoreFn] = {
+        # online, keep learning at every row (see detectors/timeseries/online.py)
+        "ts-online-context(3 grids)+likelihood+novelty+rest": online.online_context_score,
+        "ts-online-ensemble(context,ew)+likelihood+novelty+rest": online.online_ensemble_score,
+        "ts-online-context(1 grid)+likelihood+novelty+rest": lambda x, p: online.online_context_score(x, p, n_grids=1),
+        "ts-online-ew+likelihood+novelty+rest": _online_member(online.ew_surprise),
+        "ts-online-context(3 grids)+likelihood": _online_member(
+            lambda x, p: np.mean([online.context_surprise(x, p, offset=g / 3) for g in range(3)], axis=0),
+            novelty=False, rest=False),
         "ts-residual+likelihood": _likelihood(res),
         "ts-context+likelihood": _likelihood(ctx),
         "ts-ensemble(residual,context)+likelihood": _likelihood(res, ctx),

@@ -41,6 +41,7 @@ class PCACountDetector(LogDetector):
         unseen_weight: Residual added per line of an unseen template, which PCA
             cannot see because its column is constant in training. Large, so a
             never-seen template always clears the threshold.
+        min_threshold: Floor of the learned threshold (squared counts).
         contamination: Default 0: normal workflows leave (almost) no residual, so
             the largest training residual is the natural edge of normal; a
             quantile would put the threshold inside the point mass at zero.
@@ -48,16 +49,25 @@ class PCACountDetector(LogDetector):
 
     name = "log-pca"
 
-    def __init__(self, *, variance: float = 0.999, unseen_weight: float = 10.0,
+    def __init__(self, *, variance: float = 0.999, unseen_weight: float = 10.0, min_threshold: float = 0.5,
                  contamination: float = 0.0, threshold: float | None = None) -> None:
         super().__init__(contamination=contamination, threshold=threshold)
         if not 0.0 < variance < 1.0:
             raise ValueError(f"variance must be in (0, 1), got {variance!r}")
         self.variance = variance
         self.unseen_weight = unseen_weight
+        self.min_threshold = min_threshold
+
+    def _learned_threshold(self) -> float | None:
+        # On very regular training data the largest residual is ~1e-30; a residual
+        # of less than half a line's count is never a finding.
+        quantile = 1.0 if self.contamination == 0.0 else 1.0 - self.contamination
+        return max(float(np.quantile(self.train_scores_, quantile)), self.min_threshold)
 
     def _fit(self, items: Sequence[LogSequence]) -> None:
         self.vocab_ = vocabulary(items)
+        # Template text by id, so evidence can name a template the item lacks.
+        self.template_text_ = {e.template_id: e.template for seq in items for e in seq.events}
         mat = count_matrix(items, self.vocab_)
         self.mean_ = mat.mean(axis=0)
         n_comp = min(mat.shape[0], mat.shape[1])
@@ -81,7 +91,7 @@ class PCACountDetector(LogDetector):
         resid = self._residual(mat)[0]
         expected = mat[0] - resid
         inverse = {col: tid for tid, col in self.vocab_.items()}
-        template_text = {e.template_id: e.template for e in item.events}
+        template_text = {**self.template_text_, **{e.template_id: e.template for e in item.events}}
         out: list[Evidence] = []
         if mat[0, 0] > 0:
             events = [e for e in item.events if e.template_id not in self.vocab_]

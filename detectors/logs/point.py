@@ -255,7 +255,9 @@ class CooccurrenceDetector(LogDetector):
         self.max_templates = max_templates
 
     def _pairs(self, seq: LogSequence) -> list[tuple[int, int]]:
-        ids = sorted(set(seq.templates))[: self.max_templates]
+        # Unseen lines are the rare-template detector's finding; pairing them with
+        # every other template would only repeat it.
+        ids = sorted(set(seq.templates) - {UNSEEN})[: self.max_templates]
         return [(a, b) for i, a in enumerate(ids) for b in ids[i + 1:]]
 
     def _fit(self, items: Sequence[LogSequence]) -> None:

@@ -1,0 +1,348 @@
+"""Online (streaming) anomaly scorers for NAB-style data: they keep learning at every row.
+
+Why a separate module: the detectors in :mod:`.residual` / :mod:`.context` learn
+their noise scale from a training part once; on NAB's drifting series that makes
+them fire continuously. Everything here updates its state after scoring each row,
+so row ``t``'s score uses rows ``< t`` only and the model follows drift.
+
+Pieces (all causal, O(T)):
+
+* :func:`context_surprise` -- a contextual detector in the spirit of CAD-OSE
+  (Smirnov, NAB 2016): values are discretised into open-ended bins whose width
+  comes from the probationary range (a value far outside it simply lands in a new
+  bin), and for each context order ``k = 1..K`` we remember which bin followed the
+  last ``k`` bins. The raw score is the share of orders whose (context, next bin)
+  transition was never seen -- "how much of the present was unpredictable from
+  the recent past".
+* :func:`ew_surprise` -- a multi-scale adaptive z-score: exponentially decaying mean
+  and variance at several spans; the raw score is the largest tail probability
+  over the spans, so both sharp spikes (short span) and slow shifts (long span)
+  register, and the scale keeps adapting.
+* :func:`nab_likelihood` -- NAB/HTM's anomaly likelihood: a short moving average of
+  raw scores compared, by a Gaussian tail, with the mean and spread of those
+  averages over a long past window re-estimated every ``reestimate`` rows, then
+  NAB's filter that keeps only the first "red" row of a run, and the log scale.
+* :func:`spatial_novelty` -- HTM's NAB entry flags values beyond the range seen so
+  far by more than a tolerance; we keep that rule (with the running range).
+* :func:`suppress` -- CAD-OSE's rest period: after an alarm-level score the output is
+  silenced for ``rest`` rows, because NAB rewards only the first detection in a
+  window and charges every further one outside it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+from numba import njit
+
+from detectors.timeseries.base import Analysis, TimeSeriesDetector
+from detectors.timeseries.series import TimeSeries
+
+_LOG_FLOOR = math.log(1.0000000001 - 0.9999999999)
+
+
+def _check(x: np.ndarray, probation: int) -> np.ndarray:
+    arr = np.asarray(x, dtype=np.float64)
+    if arr.ndim != 1:
+        raise ValueError(f"online scorers take a 1-D series, got shape {arr.shape}")
+    if probation < 1:
+        raise ValueError(f"probation must be >= 1 row, got {probation!r}")
+    if not np.isfinite(arr).all():
+        raise ValueError(f"series has {int((~np.isfinite(arr)).sum())} NaN/inf values; repair it first")
+    return arr
+
+
+def bin_width(x: np.ndarray, probation: int, n_bins: int) -> float:
+    """Bin width = probationary range / ``n_bins`` (a tiny positive floor for flat starts)."""
+    head = x[: max(probation, 2)]
+    rng = float(head.max() - head.min())
+    if rng <= 0:
+        rng = max(abs(float(head[0])) * 0.1, 1e-6)
+    return rng / n_bins
+
+
+def context_surprise(x: np.ndarray, probation: int, *, n_bins: int = 8, max_order: int = 6,
+                     diff: bool = False, phase: np.ndarray | None = None, offset: float = 0.0) -> np.ndarray:
+    """Share of context orders ``1..max_order`` whose transition to the current bin is new.
+
+    Args:
+        x: ``(T,)`` values.
+        probation: Rows whose range sets the bin width (learning still goes on after).
+        n_bins: Bins across the probationary range; bins are open-ended integers.
+        max_order: Longest context (in rows).
+        diff: Discretise first differences instead of values (sees shape, not level).
+        offset: Shift of the bin grid in bins (``0.5`` = edges where another grid
+            has centres; an ensemble of shifted grids is robust to values
+            hovering at a bin edge).
+        phase: Optional ``(T,)`` integer calendar phase (e.g. hour of day); when given,
+            every context also carries the phase, so a value normal for the series
+            but new for this time of day is a surprise (HTM's NAB entry encodes the
+            time of day for the same reason).
+
+    Returns:
+        ``(T,)`` raw scores in ``[0, 1]`` (0 for the first row).
+    """
+    x = _check(x, probation)
+    z = np.diff(x, prepend=x[0]) if diff else x
+    w = bin_width(z, probation, n_bins)
+    bins = np.floor((z - z[:max(probation, 2)].min()) / w + offset).astype(np.int64).tolist()
+    ph = [0] * len(bins) if phase is None else np.asarray(phase, dtype=np.int64).tolist()
+    if len(ph) != len(bins):
+        raise ValueError(f"phase has {len(ph)} rows, series has {len(bins)}")
+    seen: set[tuple[int, ...]] = set()
+    out = np.zeros(len(bins))
+    for t in range(1, len(bins)):
+        b = bins[t]
+        new = 0
+        orders = min(max_order, t)
+        for k in range(1, orders + 1):
+            key = (k, ph[t], b, *bins[t - k : t])
+            if key not in seen:
+                new += 1
+                seen.add(key)
+        out[t] = new / max_order
+    return out
+
+
+@njit(cache=True)
+def _ew_tail(x: np.ndarray, alphas: np.ndarray, warm: int) -> np.ndarray:
+    n = x.shape[0]
+    k = alphas.shape[0]
+    m = np.full(k, x[0])
+    v = np.zeros(k)
+    out = np.zeros(n)
+    scale0 = 0.0
+    for t in range(1, n):
+        if t < warm:  # typical step size so far: floor for the variances
+            scale0 += abs(x[t] - x[t - 1])
+        floor = (scale0 / min(t, warm)) ** 2 * 1e-2 + 1e-12
+        best = 0.0
+        for j in range(k):
+            d = x[t] - m[j]
+            z = abs(d) / math.sqrt(v[j] + floor)
+            if z > best:
+                best = z
+            a = alphas[j]
+            m[j] += a * d
+            v[j] = (1.0 - a) * (v[j] + a * d * d)
+        out[t] = best
+    return out
+
+
+def ew_surprise(x: np.ndarray, probation: int, *, spans: Sequence[float] = (8.0, 64.0, 512.0)) -> np.ndarray:
+    """Largest |z| over exponentially weighted (mean, variance) at several spans, before updating.
+
+    Returns:
+        ``(T,)`` raw scores ``>= 0`` (unbounded; feed them to :func:`nab_likelihood`).
+    """
+    x = _check(x, probation)
+    if any(s < 1 for s in spans):
+        raise ValueError(f"spans must be >= 1, got {list(spans)!r}")
+    alphas = np.array([2.0 / (s + 1.0) for s in spans])
+    return _ew_tail(x, alphas, max(probation, 2))
+
+
+@njit(cache=True)
+def _likelihood(raw: np.ndarray, short: int, long: int, skip: int, learning: int, reestimate: int,
+                two_sided: bool) -> np.ndarray:
+    n = raw.shape[0]
+    avg = np.zeros(n)
+    acc = 0.0
+    for t in range(n):
+        acc += raw[t]
+        if t >= short:
+            acc -= raw[t - short]
+        avg[t] = acc / min(t + 1, short)
+    out = np.full(n, 0.5)
+    mu = 0.0
+    sd = 1.0
+    last = -1
+    for t in range(n):
+        if t < learning:
+            continue
+        if last < 0 or t - last >= reestimate:
+            lo = max(skip, t - long)
+            s1 = 0.0
+            s2 = 0.0
+            for i in range(lo, t):
+                s1 += avg[i]
+                s2 += avg[i] * avg[i]
+            c = max(t - lo, 1)
+            mu = s1 / c
+            var = s2 / c - mu * mu
+            if mu < 0.03:  # NAB's lower bounds on the fitted Gaussian
+                mu = 0.03
+            if var < 0.0003:
+                var = 0.0003
+            sd = math.sqrt(var)
+            last = t
+        zz = (avg[t] - mu) / sd
+        if two_sided:
+            zz = abs(zz)
+        out[t] = 1.0 - 0.5 * math.erfc(zz / math.sqrt(2.0))  # 1 - Q(z): 1 = very unusual
+    return out
+
+
+def nab_likelihood(raw: np.ndarray, probation: int, *, short: int = 10, long: int = 8640,
+                   reestimate: int = 100, red: float = 0.99999, yellow: float = 0.999,
+                   log_scale: bool = True, two_sided: bool = True) -> np.ndarray:
+    """NAB's anomaly likelihood of raw scores, filtered and (optionally) on NAB's log scale.
+
+    Args:
+        raw: ``(T,)`` raw anomaly scores.
+        probation: Rows before the first estimate (they get 0.5); as in NAB's HTM
+            entry, the first half of them is left out of the estimate because the
+            model is still learning there and its scores say little about normal.
+        short: Moving-average length of the raw scores.
+        long: Past rows whose averaged scores set the Gaussian.
+        reestimate: Rows between re-estimates of that Gaussian.
+        red, yellow: NAB's filter: of consecutive likelihoods ``>= red`` only the
+            first stays, the rest become ``yellow`` (repeat alarms are not news).
+        log_scale: Return NAB's ``log(1.0000000001 - L) / log(1e-10)`` (monotone).
+        two_sided: NAB's tail probability reflects averages below the mean, so an
+            unusually *quiet* stretch is unusual too.
+
+    Returns:
+        ``(T,)`` scores in ``[0, 1]``.
+    """
+    r = np.nan_to_num(np.asarray(raw, dtype=np.float64))
+    if short < 1 or long < 1 or reestimate < 1:
+        raise ValueError(f"short, long and reestimate must be >= 1, got {short!r}, {long!r}, {reestimate!r}")
+    p = max(probation, 2)
+    lik = _likelihood(r, short, long, p // 2, p, reestimate, two_sided)
+    red_now = lik >= red
+    prev_red = np.concatenate(([False], red_now[:-1]))
+    lik = np.where(red_now & prev_red, yellow, lik)
+    if log_scale:
+        lik = np.log(1.0000000001 - lik) / _LOG_FLOOR
+    return lik
+
+
+def spatial_novelty(x: np.ndarray, probation: int, tolerance: float = 0.05) -> np.ndarray:
+    """1 where a value leaves the running [min, max] by more than ``tolerance`` * range, else 0."""
+    x = _check(x, probation)
+    hi = np.maximum.accumulate(x)
+    lo = np.minimum.accumulate(x)
+    phi = np.concatenate(([x[0]], hi[:-1]))
+    plo = np.concatenate(([x[0]], lo[:-1]))
+    rng = phi - plo
+    out = ((x > phi + tolerance * rng) | (x < plo - tolerance * rng)) & (rng > 0)
+    out[: max(probation, 2)] = False
+    return out.astype(float)
+
+
+@njit(cache=True)
+def _suppress(s: np.ndarray, trigger: np.ndarray, level: float, rest: int) -> np.ndarray:
+    out = s.copy()
+    quiet_until = -1
+    for t in range(s.shape[0]):
+        if t <= quiet_until:
+            out[t] = 0.0
+        elif trigger[t] >= level:
+            quiet_until = t + rest
+    return out
+
+
+def suppress(scores: np.ndarray, level: float, rest: int, trigger: np.ndarray | None = None) -> np.ndarray:
+    """Zero the ``rest`` rows after any row whose ``trigger`` (default: the score) reaches ``level``.
+
+    CAD-OSE's rest period: NAB credits only the first detection in a window and
+    charges every further one outside it, so once an alarm is raised the next
+    ``rest`` rows are silenced.
+    """
+    if rest < 0:
+        raise ValueError(f"rest must be >= 0 rows, got {rest!r}")
+    s = np.asarray(scores, dtype=np.float64)
+    trig = s if trigger is None else np.asarray(trigger, dtype=np.float64)
+    if trig.shape != s.shape:
+        raise ValueError(f"trigger shape {trig.shape} differs from scores shape {s.shape}")
+    return _suppress(s, trig, float(level), int(rest))
+
+
+def online_context_score(x: np.ndarray, probation: int, *, n_grids: int = 3, n_bins: int = 8, max_order: int = 6,
+                         rest_fraction: float = 0.2, red_level: float = 0.5) -> np.ndarray:
+    """The NAB entry ``ts-online-context``: shifted-grid context ensemble -> likelihood -> novelty -> rest.
+
+    ``n_grids`` context models see the same values through bin grids shifted by
+    ``1 / n_grids`` of a bin; their raw surprises are averaged, so a value that only
+    crosses an edge of one grid is not news, while a truly new transition is new in
+    all of them. Then NAB's likelihood (log scale), HTM's spatial-novelty rule and
+    CAD-OSE's rest period of ``rest_fraction * probation`` rows after any score at
+    ``red_level`` (0.5 on NAB's log scale = likelihood 0.99999, NAB's "red").
+
+    Returns:
+        ``(T,)`` scores in ``[0, 1]``, causal.
+    """
+    x = _check(x, probation)
+    if n_grids < 1:
+        raise ValueError(f"n_grids must be >= 1, got {n_grids!r}")
+    raw = np.mean([context_surprise(x, probation, n_bins=n_bins, max_order=max_order, offset=g / n_grids)
+                   for g in range(n_grids)], axis=0)
+    s = np.maximum(nab_likelihood(raw, probation), spatial_novelty(x, probation))
+    return suppress(s, red_level, int(rest_fraction * probation))
+
+
+def online_ensemble_score(x: np.ndarray, probation: int, *, rest_fraction: float = 0.2,
+                          red_level: float = 0.5) -> np.ndarray:
+    """Max over members of NAB likelihoods: shifted-grid context surprise and multi-scale EW z.
+
+    The two members see different things (unpredictable transitions vs. values far
+    from a decaying mean at 3 time scales); the max keeps either's alarm.
+    """
+    x = _check(x, probation)
+    ctx = np.mean([context_surprise(x, probation, offset=g / 3) for g in range(3)], axis=0)
+    lik = np.maximum(nab_likelihood(ctx, probation), nab_likelihood(ew_surprise(x, probation), probation))
+    s = np.maximum(lik, spatial_novelty(x, probation))
+    return suppress(s, red_level, int(rest_fraction * probation))
+
+
+class OnlineContextDetector(TimeSeriesDetector):
+    """:func:`online_context_score` under the detector contract (per column, max over columns).
+
+    ``fit`` keeps the last ``memory`` training rows; scoring replays them first as
+    the probationary period, so the model has learned the normal transitions and
+    the likelihood's Gaussian before the first scored row, and keeps learning on
+    the scored series.
+
+    Args:
+        n_grids, n_bins, max_order: See :func:`online_context_score`.
+        memory: Training rows kept and replayed.
+        **kw: See :class:`TimeSeriesDetector`.
+    """
+
+    name = "ts-online-context"
+
+    def __init__(self, *, n_grids: int = 3, n_bins: int = 8, max_order: int = 6, memory: int = 5000,
+                 merge_gap: int = 5, min_segment: int = 1, dynamic: bool = False, artifact_dir: str | None = None,
+                 contamination: float = 0.001, threshold: float | None = None) -> None:
+        super().__init__(merge_gap=merge_gap, min_segment=min_segment, dynamic=dynamic, artifact_dir=artifact_dir,
+                         contamination=contamination, threshold=threshold)
+        if n_grids < 1 or n_bins < 1 or max_order < 1 or memory < 20:
+            raise ValueError(f"need n_grids, n_bins, max_order >= 1 and memory >= 20, got "
+                             f"{n_grids!r}, {n_bins!r}, {max_order!r}, {memory!r}")
+        self.n_grids = n_grids
+        self.n_bins = n_bins
+        self.max_order = max_order
+        self.memory = memory
+
+    def required_length(self) -> int:
+        return 20
+
+    def _fit_series(self, items: Sequence[TimeSeries]) -> None:
+        self.history_ = np.concatenate([s.values for s in items])[-self.memory :]
+
+    def _columns(self, x: np.ndarray, probation: int) -> np.ndarray:
+        return np.column_stack([online_context_score(x[:, j], probation, n_grids=self.n_grids, n_bins=self.n_bins,
+                                                     max_order=self.max_order) for j in range(x.shape[1])])
+
+    def _train_point_scores(self, items: Sequence[TimeSeries]) -> np.ndarray:
+        h = self.history_
+        half = max(len(h) // 2, 10)
+        return self._columns(h, half)[half:].max(axis=1)
+
+    def _analyse(self, series: TimeSeries) -> Analysis:
+        h = self.history_
+        contrib = self._columns(np.vstack([h, series.values]), len(h))[len(h):]
+        return Analysis(contrib.max(axis=1), contrib, None)
