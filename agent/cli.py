@@ -188,6 +188,61 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- knowledge and rules ---------------------------------------------------------------------
+def _store_dir(args: argparse.Namespace) -> Path:
+    return Path(args.store).expanduser()
+
+
+def cmd_knowledge(args: argparse.Namespace) -> int:
+    from knowledge.store import KnowledgeStore
+
+    store = KnowledgeStore(_store_dir(args))
+    if args.action == "add":
+        from knowledge.ingest import ingest_paths
+
+        paths = [Path(p) for p in args.paths] or [REPO_ROOT / "knowledge" / "examples"]
+        results = ingest_paths(store, paths)
+        for result in results:
+            print(result.line())
+        return 0 if all(r.ok for r in results) else 1
+    if args.action == "search":
+        if not args.paths:
+            raise UserError("knowledge search needs a query, e.g. anomaly-agent knowledge search 'DataNode write'")
+        for passage in store.search(" ".join(args.paths), k=args.k):
+            print(f"[{passage.id}] {passage.source} > {passage.heading}  (score {passage.score:.3f})")
+            print("    " + passage.text[:300].replace("\n", " "))
+        return 0
+    if args.action == "remove":
+        for source in args.paths:
+            store.remove_source(source)
+            print(f"removed {source}")
+        return 0
+    for info in store.list_sources():
+        print(info)
+    return 0
+
+
+def cmd_rules(args: argparse.Namespace) -> int:
+    from knowledge.rules import RuleBook
+
+    book = RuleBook(_store_dir(args))
+    if args.action == "add":
+        if not args.text:
+            raise UserError('rules add needs the rule text, e.g. anomaly-agent rules add "a DataNode error '
+                            'during a write pipeline is at least high severity"')
+        rule = book.add(" ".join(args.text), effect=args.effect, severity=args.severity)
+        print(rule.describe())
+        return 0
+    if args.action == "remove":
+        for rule_id in args.text:
+            print(f"removed {book.remove(rule_id).describe()}")
+        return 0
+    for rule in book.list():
+        print(rule.describe())
+    print(f"rules version {book.rules_version}")
+    return 0
+
+
 # -- wiring --------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     from detectors.registry import known_detectors
@@ -236,6 +291,24 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default=None)
     b.set_defaults(func=cmd_bench)
 
+    default_store = _env("store", str(Path(os.environ.get("XDG_DATA_HOME", "~/.local/share")) / "anomaly-agent"))
+    k = sub.add_parser("knowledge", help="process documents and runbooks (Chroma store)")
+    k.add_argument("action", choices=["add", "search", "list", "remove"])
+    k.add_argument("paths", nargs="*", help="add: files/folders (default: the bundled examples); "
+                                            "search: the query; remove: sources")
+    k.add_argument("-k", type=int, default=5, help="search: passages to show")
+    k.add_argument("--store", default=default_store, help="store directory")
+    k.set_defaults(func=cmd_knowledge)
+
+    r = sub.add_parser("rules", help="natural-language anomaly rules")
+    r.add_argument("action", choices=["add", "list", "remove"])
+    r.add_argument("text", nargs="*", help="add: the rule in plain language; remove: rule ids")
+    r.add_argument("--effect", default=None, choices=["raise_severity", "lower_severity", "set_normal",
+                                                      "define_anomaly"])
+    r.add_argument("--severity", default=None, help="0-4 or none/low/medium/high/critical")
+    r.add_argument("--store", default=default_store, help="store directory")
+    r.set_defaults(func=cmd_rules)
+
     m = sub.add_parser("demo", help="run the main job on the bundled sample")
     m.add_argument("--sample", default=_env("sample", str(DEMO_DIR)))
     m.add_argument("--detector", default=_env("detector", "log-ensemble"), choices=known_detectors())
@@ -251,7 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (UserError, ValueError, FileNotFoundError, IsADirectoryError, PermissionError) as exc:
+    except (UserError, ValueError, KeyError, FileNotFoundError, IsADirectoryError, PermissionError) as exc:
         print(f"anomaly-agent {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -66,6 +66,14 @@ def make_detector(name: str, **params: Any) -> Detector[Any]:
     """
     if name in ENSEMBLES:
         member_params = params.pop("member_params", {}) or {}
+        stray = set(member_params) - set(ENSEMBLES[name])
+        if stray:
+            raise ValueError(f"member_params for {sorted(stray)}, which are not members of {name!r}: "
+                             f"{list(ENSEMBLES[name])}")
+        bad = set(params) - {"contamination", "threshold"}
+        if bad:
+            raise ValueError(f"ensemble {name!r} takes no parameter(s) {sorted(bad)}; accepted: "
+                             "['contamination', 'member_params', 'threshold']")
         members = [make_detector(m, **member_params.get(m, {})) for m in ENSEMBLES[name]]
         ens = MaxNormEnsemble(members, **params)
         ens.name = name  # type: ignore[misc]

@@ -139,6 +139,19 @@ def _is_example(text: str) -> bool:
     return False
 
 
+def _drop_example_line(sections: list[Section]) -> list[Section]:
+    """Leave out the "this is an example" first line: every passage carries ``example=True``
+    instead, and the disclaimer alone would only crowd search results."""
+    if not sections or sections[0].offset != 0:
+        return sections
+    first = sections[0]
+    lead = len(first.text) - len(first.text.lstrip())
+    end = first.text.find("\n", lead)
+    end = len(first.text) if end < 0 else end + 1
+    rest = Section(first.heading, first.offset + end, first.text[end:])
+    return ([rest] if rest.text.strip() else []) + sections[1:]
+
+
 def _passages(source: str, sections: Iterable[Section], size: int, overlap: int, max_passages: int,
               example: bool) -> tuple[list[Passage], bool]:
     out: list[Passage] = []
@@ -162,7 +175,9 @@ def _read_text(path: Path) -> str:
         return data.decode("latin-1")
 
 
-def _read_pdf(path: Path) -> list[Section]:
+def _read_pdf(path: Path, max_chars: int | None = None) -> list[Section]:
+    """Text per page; stops reading pages once ``max_chars`` are collected (the passage cap
+    would drop the rest anyway, and extraction is the slow part of a big PDF)."""
     try:
         from pypdf import PdfReader
         from pypdf.errors import PdfReadError
@@ -172,14 +187,18 @@ def _read_pdf(path: Path) -> list[Section]:
         reader = PdfReader(str(path))
         if reader.is_encrypted and not reader.decrypt(""):
             raise IngestError(f"{path}: encrypted PDF (no empty password)")
-        sections = []
+        sections: list[Section] = []
+        total = 0
         for i, page in enumerate(reader.pages, start=1):
+            if max_chars is not None and total > max_chars:
+                break
             text = page.extract_text() or ""
             if text.strip():
                 sections.append(Section(f"page {i}", 0, text))
+                total += len(text)
     except IngestError:
         raise
-    except (PdfReadError, ValueError, OSError, KeyError, TypeError) as exc:
+    except (PdfReadError, ValueError, OSError, KeyError, TypeError, AttributeError, IndexError) as exc:
         raise IngestError(f"{path}: cannot read PDF: {type(exc).__name__}: {exc}") from None
     if not sections:
         raise IngestError(f"{path}: the PDF has no extractable text (scanned images need OCR)")
@@ -213,7 +232,7 @@ def read_document(path: str | Path, source: str | None = None, chunk_size: int =
                           "split the document")
     try:
         if suffix in PDF_SUFFIXES:
-            sections, example = _read_pdf(path), False
+            sections = _read_pdf(path, max_chars=max_passages * chunk_size * 2)
             example = _is_example(sections[0].text)
         else:
             text = _read_text(path)
@@ -221,6 +240,8 @@ def read_document(path: str | Path, source: str | None = None, chunk_size: int =
                 raise IngestError(f"{path}: empty document (only whitespace)")
             example = _is_example(text)
             sections = split_markdown(text) if suffix in MARKDOWN_SUFFIXES else [Section("", 0, text)]
+            if example:
+                sections = _drop_example_line(sections)
     except OSError as exc:
         raise IngestError(f"{path}: cannot read: {exc}") from None
     if not sections:
@@ -228,10 +249,10 @@ def read_document(path: str | Path, source: str | None = None, chunk_size: int =
     passages, truncated = _passages(source, sections, chunk_size, overlap, max_passages, example)
     note = ""
     if truncated:
-        total = sum(len(s.text) for s in sections)
-        kept = passages[-1].offset + len(passages[-1].text) if passages else 0
-        note = (f"large document: kept the first {len(passages)} passages (cap max_passages={max_passages}), "
-                f"about {min(kept, total) / max(total, 1):.0%} of its {total:,} characters")
+        last = passages[-1]
+        where = f"{last.heading}, offset {last.offset}" if last.heading else f"offset {last.offset}"
+        note = (f"large document: kept the first {len(passages)} passages (cap max_passages={max_passages}); "
+                f"the text after {where} was not stored")
     return Document(source=source, passages=tuple(passages), truncated=truncated, note=note)
 
 
@@ -243,12 +264,12 @@ def _expand(paths: Iterable[str | Path]) -> Iterator[tuple[Path, str]]:
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            root = path.resolve()
-            for f in sorted(p for p in root.rglob("*") if p.is_file()):
-                rel = f.relative_to(root)
+            name = path.resolve().name
+            for f in sorted(p for p in path.rglob("*") if p.is_file()):
+                rel = f.relative_to(path)
                 if any(part.startswith(".") for part in rel.parts):
                     continue
-                yield f, f"{root.name}/{rel.as_posix()}"
+                yield f, f"{name}/{rel.as_posix()}"
         else:
             yield path, path.name
 

@@ -196,6 +196,22 @@ class LoglizerPCABaseline(LogDetector):
     def _learned_threshold(self) -> float | None:
         return self.q_threshold_
 
+    def evidence(self, item: LogSequence, score: float) -> tuple[Evidence, ...]:
+        mat = count_matrix([item], self.vocab_)
+        resid = (self._transform(mat) @ self.proj_c_)[0]
+        inverse = {col: tid for tid, col in self.vocab_.items()}
+        out: list[Evidence] = []
+        for col in np.argsort(-np.abs(resid))[:3]:
+            if col == 0 or abs(resid[col]) < 1e-9:
+                continue
+            tid = inverse[int(col)]
+            events = [e for e in item.events if e.template_id == tid] or [item.events[-1]]
+            out.append(line_evidence(
+                f"E{len(out) + 1}", f"TF-IDF weighted count of '{events[0].template[:90]}' is off the normal "
+                                    f"subspace (residual {resid[col]:+.2f})",
+                events, "count_deviation", observed=int(mat[0, col]), residual=round(float(resid[col]), 4)))
+        return tuple(out)
+
     def _score(self, items: Sequence[LogSequence]) -> np.ndarray:
         x = self._transform(count_matrix(items, self.vocab_))
         resid = x @ self.proj_c_

@@ -138,7 +138,12 @@ class LogFormat:
         regex = ""
         for i, piece in enumerate(pieces):
             if i % 2 == 0:
-                regex += re.sub(r"\s+", r"\\s+", re.escape(piece).replace(r"\ ", " "))
+                # loghub/logparser treat the text between fields as regex (their formats
+                # write \[ and (\[<PID>\])?). A piece with a backslash or a group is
+                # taken as regex like theirs; any other piece is literal text, so a
+                # user's "[<Time>]" works without escaping.
+                fragment = piece if ("\\" in piece or "(" in piece or ")" in piece) else re.escape(piece)
+                regex += re.sub(r"(?:\\ |\s)+", r"\\s+", fragment)
             else:
                 regex += f"(?P<{piece}>.*?)" if piece != "Content" else f"(?P<{piece}>.*)"
         self.regex = re.compile("^" + regex + "$")
@@ -151,6 +156,8 @@ class LogFormat:
         seps = pieces[2:-1:2]
         names = pieces[1::2]
         if pieces[0] or pieces[-1] or names[-1] != "Content":
+            return None
+        if any("\\" in s or "(" in s or ")" in s for s in seps):
             return None
         if any(s != " " for s in seps[:-1]):
             return None
@@ -169,11 +176,12 @@ class LogFormat:
                 if not suffix or last.endswith(suffix):
                     if suffix:
                         parts[-2] = last[: -len(suffix)]
-                    return dict(zip(header_names, parts[:-1])), parts[-1]
+                    # The regex path's \s+ before <Content> eats extra spaces; match it.
+                    return dict(zip(header_names, parts[:-1])), parts[-1].lstrip(" ")
         match = self.regex.match(line)
         if match is None:
             return None
-        groups = match.groupdict()
+        groups = {k: v or "" for k, v in match.groupdict().items()}
         content = groups.pop("Content")
         return groups, content
 
@@ -248,7 +256,8 @@ def iter_lines(path: Path, report: IngestReport) -> Iterator[tuple[int, str]]:
                 return
             if not raw:
                 return
-            if not raw.endswith(b"\n") and len(raw) > MAX_LINE_CHARS * 4:
+            cut = not raw.endswith(b"\n") and len(raw) > MAX_LINE_CHARS * 4
+            if cut:
                 # Over-long line: keep its head, skip the rest of it.
                 try:
                     while True:
@@ -257,22 +266,23 @@ def iter_lines(path: Path, report: IngestReport) -> Iterator[tuple[int, str]]:
                             break
                 except (EOFError, zlib.error, OSError):
                     pass
-                report.truncated += 1
-                report.add(line_no + 1, f"line longer than {MAX_LINE_CHARS} characters: truncated")
             line_no += 1
             report.lines_read += 1
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                text = raw.decode("latin-1")
-                report.undecodable += 1
-                report.add(line_no, f"not valid UTF-8 at byte {exc.start}; read as Latin-1")
+                if cut and exc.start >= len(raw) - 3:
+                    # The cut split a multi-byte character: drop its partial bytes.
+                    text = raw[: exc.start].decode("utf-8", errors="replace")
+                else:
+                    text = raw.decode("latin-1")
+                    report.undecodable += 1
+                    report.add(line_no, f"not valid UTF-8 at byte {exc.start}; read as Latin-1")
             text = text.rstrip("\r\n")
-            if len(text) > MAX_LINE_CHARS:
+            if cut or len(text) > MAX_LINE_CHARS:
                 text = text[:MAX_LINE_CHARS]
-                if not report.problems or report.problems[-1].line_no != line_no:
-                    report.truncated += 1
-                    report.add(line_no, f"line longer than {MAX_LINE_CHARS} characters: truncated")
+                report.truncated += 1
+                report.add(line_no, f"line longer than {MAX_LINE_CHARS} characters: truncated")
             yield line_no, text
 
 

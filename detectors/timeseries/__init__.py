@@ -25,7 +25,8 @@ caller who wants window items just passes ``series.windows(w, step)``.
 Modules: :mod:`.series` (item, errors), :mod:`.ingest` (CSV/Parquet), :mod:`.base`
 (the wrapper: segments, evidence, severity, plot), one module per detector family
 (:mod:`.residual`, :mod:`.discord`, :mod:`.iforest`, :mod:`.context`,
-:mod:`.ensemble`), :mod:`.rootcause`, :mod:`.severity`, :mod:`.threshold`
+:mod:`.ensemble`, :mod:`.online` = streaming detectors that keep
+learning, used for NAB), :mod:`.rootcause`, :mod:`.severity`, :mod:`.threshold`
 (telemanom dynamic threshold, anomaly likelihood), :mod:`.plot`.
 """
 

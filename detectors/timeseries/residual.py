@@ -8,6 +8,16 @@ leaves a large residual. Residuals are divided by a robust per-variable scale (M
 of training residuals), so the score is a robust z-score and ``z_d**2`` is each
 variable's additive contribution (root cause).
 
+Warm-up: during the first period of a series there is no past cycle yet, so the
+forecast is the lagging level alone; during the second only one past cycle is
+averaged (and the level's own start-up rows, see ``settle_rows``, are no cycle to
+copy). A scale pooled over all training rows would make every fresh series (or
+window of one) peak there. So the scale is learned *per seasonal depth* (how many
+past cycles the forecast of a row could average: ``0 .. n_cycles``) from the
+training residuals at that depth: the warm-up rows get the wider band that the
+same forecast really had on normal data, and a series' start does not decide its
+score. Without a seasonal term there is a single depth and a single scale.
+
 Everything is a handful of vectorised passes (``lfilter`` for the EWMA, shifted
 arrays for the seasonal term), which is why it scores millions of points/s.
 """
@@ -21,6 +31,9 @@ import numpy as np
 from detectors.timeseries.base import Analysis, TimeSeriesDetector, robust_scale
 from detectors.timeseries.series import TimeSeries
 from detectors.timeseries.threshold import ewma
+
+_MIN_DEPTH_ROWS = 20
+"""Training residuals needed to learn the scale of one seasonal depth."""
 
 
 def detect_period(x: np.ndarray, max_period: int, min_acf: float = 0.3) -> int | None:
@@ -85,24 +98,48 @@ class ResidualDetector(TimeSeriesDetector):
     def required_length(self) -> int:
         return 3
 
+    @property
+    def settle_rows(self) -> int:
+        """Rows before the EWMA level has forgotten its start (its start-up error < 2%).
+
+        The level starts at row 0's value, so its deviations in these rows are a
+        start-up transient, not the seasonal shape: past cycles are used for the
+        seasonal term only from this row on.
+        """
+        if self.span <= 1:
+            return 1
+        alpha = 2.0 / (self.span + 1.0)
+        return max(1, int(np.ceil(np.log(0.02) / np.log(1.0 - alpha))))
+
     def _forecast(self, x: np.ndarray) -> np.ndarray:
         level = ewma(x, self.span)
         prev = np.empty_like(level)
         prev[0] = x[0]
         prev[1:] = level[:-1]
-        p = self.period_
-        if p is None or x.shape[0] <= p:
+        p, w0, n = self.period_, self.settle_rows, x.shape[0]
+        if p is None or n <= p + w0:
             return prev
         dev = x - prev
         seas = np.zeros_like(x)
-        cnt = np.zeros((x.shape[0], 1))
+        cnt = np.zeros((n, 1))
         for k in range(1, self.n_cycles + 1):
             lag = k * p
-            if lag >= x.shape[0]:
+            if lag + w0 >= n:
                 break
-            seas[lag:] += dev[:-lag]
-            cnt[lag:] += 1.0
+            seas[lag + w0 :] += dev[w0 : n - lag]  # row t uses row t - lag once that row had settled
+            cnt[lag + w0 :] += 1.0
         return prev + seas / np.maximum(cnt, 1.0)
+
+    def _depth(self, n: int) -> np.ndarray:
+        """``(n,)`` past cycles averaged by the forecast of each row (0 = warm-up, no seasonal term)."""
+        p, w0 = self.period_, self.settle_rows
+        if p is None or n <= p + w0:
+            return np.zeros(n, dtype=np.int64)
+        return np.clip((np.arange(n) - w0) // p, 0, self.n_cycles)
+
+    def _scale_rows(self, n: int) -> np.ndarray:
+        """``(n, D)`` robust residual scale of each row, by its seasonal depth."""
+        return self.scales_[self._depth(n)]
 
     def _fit_series(self, items: Sequence[TimeSeries]) -> None:
         longest = max(items, key=len)
@@ -111,12 +148,22 @@ class ResidualDetector(TimeSeriesDetector):
         else:
             self.period_ = self.period  # type: ignore[assignment]
         res = np.concatenate([s.values - self._forecast(s.values) for s in items])
-        self.scale_ = robust_scale(res)
+        depth = np.concatenate([self._depth(len(s)) for s in items])
+        n_depths = 1 if self.period_ is None else self.n_cycles + 1
+        scales = np.empty((n_depths, res.shape[1]))
+        for k in range(n_depths):
+            rows = res[depth == k]
+            if len(rows) >= _MIN_DEPTH_ROWS or k == 0:
+                scales[k] = robust_scale(rows) if len(rows) else robust_scale(res)
+            else:  # too little training data this deep: keep the (wider) band of the depth before
+                scales[k] = scales[k - 1]
+        self.scales_ = scales
+        self.scale_ = scales[-1]  # the steady-state scale (full seasonal depth)
 
     def _analyse(self, series: TimeSeries) -> Analysis:
         x = series.values
         expected = self._forecast(x)
-        z = (x - expected) / self.scale_
+        z = (x - expected) / self._scale_rows(len(x))
         contrib = z * z
         if self.smooth > 1:
             contrib = ewma(contrib, self.smooth)
@@ -130,19 +177,22 @@ class ResidualDetector(TimeSeriesDetector):
         e = np.empty_like(x)
         e[0] = 0.0
         np.subtract(x[1:], level[:-1], out=e[1:])
-        p = self.period_
-        if p is not None and len(x) > p:
+        p, w0, n = self.period_, self.settle_rows, len(x)
+        if p is not None and n > p + w0:
             seas = np.zeros_like(x)
             cnt = np.zeros_like(x)
             for k in range(1, self.n_cycles + 1):
                 lag = k * p
-                if lag >= len(x):
+                if lag + w0 >= n:
                     break
-                seas[lag:] += e[:-lag]
-                cnt[lag:] += 1.0
+                seas[lag + w0 :] += e[w0 : n - lag]
+                cnt[lag + w0 :] += 1.0
             e -= seas / np.maximum(cnt, 1.0)
         np.abs(e, out=e)
-        e /= float(self.scale_[0])
+        if len(self.scales_) == 1:
+            e /= float(self.scales_[0, 0])
+        else:
+            e /= self.scales_[self._depth(n), 0]
         if self.smooth > 1:
             e = np.sqrt(ewma(e * e, self.smooth))
         return e

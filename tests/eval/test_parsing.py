@@ -113,7 +113,7 @@ def test_parse_messages_reports_final_templates() -> None:
     from detectors.logs.templates import ParserConfig
 
     lines = ["user alice logged in", "user bob logged in", "user carol logged in"]
-    ids, templates = parse_messages(lines, ParserConfig(sim_th=0.5, masks=()))
+    ids, templates = parse_messages(lines, ParserConfig(sim_th=0.5, depth=4, masks=()))
     assert len(set(ids)) == 1
     assert templates == ["user <*> logged in"] * 3
 

@@ -128,12 +128,8 @@ def test_long_line_below_the_byte_cap_is_truncated_too(tmp_path: Path) -> None:
     assert len(records[0].raw) == MAX_LINE_CHARS
 
 
-_DOUBLE_COUNT = ("detectors/logs/ingest.py iter_lines: once report.problems holds `keep` (20) entries, an "
-                 "over-long line is counted twice in report.truncated (the 'already recorded' check looks at "
-                 "problems[-1], which no longer is this line)")
 
 
-@pytest.mark.xfail(strict=True, reason=_DOUBLE_COUNT)
 def test_truncated_count_stays_exact_after_problem_list_is_full(tmp_path: Path) -> None:
     lines = []
     for i in range(25):
@@ -143,12 +139,8 @@ def test_truncated_count_stays_exact_after_problem_list_is_full(tmp_path: Path) 
     assert report.truncated == 25
 
 
-_MULTIBYTE = ("detectors/logs/ingest.py iter_lines: an over-long line is cut at a byte count, which can split a "
-              "UTF-8 character; the whole valid UTF-8 line is then counted undecodable and decoded as Latin-1 "
-              "(mojibake)")
 
 
-@pytest.mark.xfail(strict=True, reason=_MULTIBYTE)
 def test_truncating_utf8_line_does_not_make_it_undecodable(tmp_path: Path) -> None:
     # Two lines whose prefixes differ by one byte: wherever the byte cut falls, it
     # splits a two-byte character in one of them.
@@ -277,12 +269,8 @@ def test_fast_path_and_regex_agree(line: str) -> None:
     assert line.endswith(content)
 
 
-_LEADING_SPACE = ("detectors/logs/ingest.py LogFormat.parse: the fast path keeps whitespace at the start of "
-                  "<Content> ('Component:   text' -> '  text') while the regex path strips it ('text'), so the "
-                  "same line parses differently depending on which path runs")
 
 
-@pytest.mark.xfail(strict=True, reason=_LEADING_SPACE)
 def test_fast_path_and_regex_agree_on_extra_spaces_before_content() -> None:
     line = "081109 203518 143 INFO dfs.DataNode:   indented content"
     slow = LogFormat(HDFS)
@@ -326,17 +314,12 @@ KNOWN_FORMAT_LINES = {
     "openstack": "nova-api.log 2017-05-16 00:00:00.008 25746 INFO nova.api.server [req-1 - - -] GET /v2/servers",
     "mac": "Jul  1 09:00:55 host-1 kernel[0]: thunderbolt switch ready",
 }
-_REGEX_ESCAPES = ("detectors/logs/ingest.py LogFormat.__init__ re.escape()s the literal text between fields, but "
-                  "KNOWN_FORMATS are loghub regex fragments ('\\[', '\\|', '(\\[<PID>\\])?'), which then only match "
-                  "a literal backslash: these named formats never parse a line of their system")
 
 
 def _format_params() -> list[object]:
     out = []
     for name in sorted(KNOWN_FORMATS):
-        broken = any(ch in KNOWN_FORMATS[name] for ch in "\\(")
-        marks = (pytest.mark.xfail(strict=True, reason=_REGEX_ESCAPES),) if broken else ()
-        out.append(pytest.param(name, id=name, marks=marks))
+        out.append(pytest.param(name, id=name))
     return out
 
 
