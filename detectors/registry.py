@@ -20,6 +20,7 @@ from detectors.timeseries.crossvar import CrossVariableDetector
 from detectors.timeseries.discord import MatrixProfileDetector
 from detectors.timeseries.ensemble import TimeSeriesEnsemble
 from detectors.timeseries.iforest import WindowIForestDetector
+from detectors.timeseries.online import OnlineContextDetector
 from detectors.timeseries.residual import ResidualDetector
 
 DETECTORS: dict[str, type[Detector[Any]]] = {
@@ -38,6 +39,7 @@ DETECTORS: dict[str, type[Detector[Any]]] = {
         ContextDiscrepancyDetector,
         MatrixProfileDetector,
         WindowIForestDetector,
+        OnlineContextDetector,
         TimeSeriesEnsemble,
     )
 }

@@ -63,8 +63,49 @@ def bin_width(x: np.ndarray, probation: int, n_bins: int) -> float:
     return rng / n_bins
 
 
+def context_bins(x: np.ndarray, probation: int, n_bins: int, offset: float = 0.0, *,
+                 origin: float | None = None, width: float | None = None) -> list[int]:
+    """Open-ended integer bins of ``x``: width from the probationary range, origin its minimum.
+
+    ``origin`` / ``width`` given = a grid learned earlier (e.g. on training data).
+    """
+    head = x[: max(probation, 2)]
+    w = bin_width(x, probation, n_bins) if width is None else width
+    lo = float(head.min()) if origin is None else origin
+    return np.floor((x - lo) / w + offset).astype(np.int64).tolist()
+
+
+def surprise_of_bins(bins: Sequence[int], seen: set[tuple[int, ...]], *, max_order: int = 6,
+                     phase: Sequence[int] | None = None, starts: Sequence[int] = (0,)) -> np.ndarray:
+    """The core of :func:`context_surprise` on given bins; learns into ``seen`` (mutated).
+
+    ``starts`` are rows where a new series begins: no context reaches back across
+    one (the rows before it belong to another series, so "what followed them" is
+    no transition of this one); a start row itself scores 0.
+    """
+    ph = [0] * len(bins) if phase is None else list(phase)
+    if len(ph) != len(bins):
+        raise ValueError(f"phase has {len(ph)} rows, series has {len(bins)}")
+    begin = np.zeros(len(bins), dtype=np.int64)
+    for r in sorted(set(int(r) for r in starts if 0 <= r < len(bins))):
+        begin[r:] = r
+    out = np.zeros(len(bins))
+    for t in range(1, len(bins)):
+        b = bins[t]
+        new = 0
+        orders = min(max_order, t - int(begin[t]))
+        for k in range(1, orders + 1):
+            key = (k, ph[t], b, *bins[t - k : t])
+            if key not in seen:
+                new += 1
+                seen.add(key)
+        out[t] = new / max_order
+    return out
+
+
 def context_surprise(x: np.ndarray, probation: int, *, n_bins: int = 8, max_order: int = 6,
-                     diff: bool = False, phase: np.ndarray | None = None, offset: float = 0.0) -> np.ndarray:
+                     diff: bool = False, phase: np.ndarray | None = None, offset: float = 0.0,
+                     starts: Sequence[int] = (0,)) -> np.ndarray:
     """Share of context orders ``1..max_order`` whose transition to the current bin is new.
 
     Args:
@@ -80,30 +121,17 @@ def context_surprise(x: np.ndarray, probation: int, *, n_bins: int = 8, max_orde
             every context also carries the phase, so a value normal for the series
             but new for this time of day is a surprise (HTM's NAB entry encodes the
             time of day for the same reason).
+        starts: Rows where a new series begins (``x`` is several series one after
+            the other); contexts never span a start. Default: one series.
 
     Returns:
         ``(T,)`` raw scores in ``[0, 1]`` (0 for the first row).
     """
     x = _check(x, probation)
     z = np.diff(x, prepend=x[0]) if diff else x
-    w = bin_width(z, probation, n_bins)
-    bins = np.floor((z - z[:max(probation, 2)].min()) / w + offset).astype(np.int64).tolist()
-    ph = [0] * len(bins) if phase is None else np.asarray(phase, dtype=np.int64).tolist()
-    if len(ph) != len(bins):
-        raise ValueError(f"phase has {len(ph)} rows, series has {len(bins)}")
-    seen: set[tuple[int, ...]] = set()
-    out = np.zeros(len(bins))
-    for t in range(1, len(bins)):
-        b = bins[t]
-        new = 0
-        orders = min(max_order, t)
-        for k in range(1, orders + 1):
-            key = (k, ph[t], b, *bins[t - k : t])
-            if key not in seen:
-                new += 1
-                seen.add(key)
-        out[t] = new / max_order
-    return out
+    bins = context_bins(z, probation, n_bins, offset)
+    ph = None if phase is None else np.asarray(phase, dtype=np.int64).tolist()
+    return surprise_of_bins(bins, set(), max_order=max_order, phase=ph, starts=starts)
 
 
 @njit(cache=True)
@@ -301,20 +329,31 @@ def online_ensemble_score(x: np.ndarray, probation: int, *, rest_fraction: float
 class OnlineContextDetector(TimeSeriesDetector):
     """:func:`online_context_score` under the detector contract (per column, max over columns).
 
-    ``fit`` keeps the last ``memory`` training rows; scoring replays them first as
-    the probationary period, so the model has learned the normal transitions and
-    the likelihood's Gaussian before the first scored row, and keeps learning on
-    the scored series.
+    ``fit`` keeps the last ``memory`` training rows and replays them once as the
+    probationary period: the bin grid comes from their range, the context model
+    learns their transitions and the likelihood its Gaussian. Scoring goes on from
+    that learned state (a copy: scoring learns nothing that outlives the call) and
+    keeps learning on the scored series.
+
+    A scored series is a *new* series, not the continuation of the training data:
+    its contexts start fresh at its first row (as they do at every boundary between
+    training series). Replaying the history and the series as one stream would
+    make the jump from the last training row to the first scored row, and the
+    contexts spanning it, look like never-seen transitions: every series, and
+    every window of one, would peak at its start.
 
     Args:
         n_grids, n_bins, max_order: See :func:`online_context_score`.
         memory: Training rows kept and replayed.
+        rest_fraction, red_level: See :func:`online_context_score` (the rest period
+            is ``rest_fraction`` of the replayed history).
         **kw: See :class:`TimeSeriesDetector`.
     """
 
     name = "ts-online-context"
 
     def __init__(self, *, n_grids: int = 3, n_bins: int = 8, max_order: int = 6, memory: int = 5000,
+                 rest_fraction: float = 0.2, red_level: float = 0.5,
                  merge_gap: int = 5, min_segment: int = 1, dynamic: bool = False, artifact_dir: str | None = None,
                  contamination: float = 0.001, threshold: float | None = None) -> None:
         super().__init__(merge_gap=merge_gap, min_segment=min_segment, dynamic=dynamic, artifact_dir=artifact_dir,
@@ -322,27 +361,74 @@ class OnlineContextDetector(TimeSeriesDetector):
         if n_grids < 1 or n_bins < 1 or max_order < 1 or memory < 20:
             raise ValueError(f"need n_grids, n_bins, max_order >= 1 and memory >= 20, got "
                              f"{n_grids!r}, {n_bins!r}, {max_order!r}, {memory!r}")
+        if not 0.0 <= rest_fraction <= 1.0:
+            raise ValueError(f"rest_fraction must be in [0, 1], got {rest_fraction!r}")
         self.n_grids = n_grids
         self.n_bins = n_bins
         self.max_order = max_order
         self.memory = memory
+        self.rest_fraction = rest_fraction
+        self.red_level = red_level
 
     def required_length(self) -> int:
         return 20
 
-    def _fit_series(self, items: Sequence[TimeSeries]) -> None:
-        self.history_ = np.concatenate([s.values for s in items])[-self.memory :]
+    def _replay(self, h: np.ndarray, starts: Sequence[int], probation: int
+                ) -> tuple[np.ndarray, list[dict[str, float]], list[list[set[tuple[int, ...]]]]]:
+        """Learn on ``h`` from scratch: raw surprises ``(T, D)``, bin grids and context memories."""
+        raws, grids, memories = [], [], []
+        for j in range(h.shape[1]):
+            col = h[:, j]
+            grid = {"origin": float(col[: max(probation, 2)].min()), "width": bin_width(col, probation, self.n_bins)}
+            sets: list[set[tuple[int, ...]]] = []
+            raw = np.zeros(len(col))
+            for g in range(self.n_grids):
+                seen: set[tuple[int, ...]] = set()
+                bins = context_bins(col, probation, self.n_bins, g / self.n_grids, **grid)
+                raw += surprise_of_bins(bins, seen, max_order=self.max_order, starts=starts)
+                sets.append(seen)
+            raws.append(raw / self.n_grids)
+            grids.append(grid)
+            memories.append(sets)
+        return np.column_stack(raws), grids, memories
 
-    def _columns(self, x: np.ndarray, probation: int) -> np.ndarray:
-        return np.column_stack([online_context_score(x[:, j], probation, n_grids=self.n_grids, n_bins=self.n_bins,
-                                                     max_order=self.max_order) for j in range(x.shape[1])])
+    def _post(self, x: np.ndarray, raw: np.ndarray, probation: int) -> np.ndarray:
+        """Likelihood, spatial novelty and the rest period of one column (as :func:`online_context_score`)."""
+        s = np.maximum(nab_likelihood(raw, probation), spatial_novelty(x, probation))
+        return suppress(s, self.red_level, int(self.rest_fraction * probation))
+
+    def _fit_series(self, items: Sequence[TimeSeries]) -> None:
+        h = np.concatenate([s.values for s in items])
+        ends = np.cumsum([len(s) for s in items])
+        cut = max(len(h) - self.memory, 0)
+        self.history_ = h[cut:]
+        self.history_starts_ = tuple(int(e - cut) for e in [0, *ends[:-1]] if e - cut >= 0) or (0,)
+        if 0 not in self.history_starts_:
+            self.history_starts_ = (0, *self.history_starts_)
+        raw, grids, memories = self._replay(self.history_, self.history_starts_, len(self.history_))
+        self.history_raw_ = raw
+        self.grids_ = grids
+        self.memory_ = [[frozenset(s) for s in sets] for sets in memories]
 
     def _train_point_scores(self, items: Sequence[TimeSeries]) -> np.ndarray:
+        # In-sample scores of the replay say nothing (the model learns as it goes):
+        # learn on the first half of the history, score the second half as new data.
         h = self.history_
         half = max(len(h) // 2, 10)
-        return self._columns(h, half)[half:].max(axis=1)
+        raw, _, _ = self._replay(h, self.history_starts_, half)
+        cols = [self._post(h[:, j], raw[:, j], half)[half:] for j in range(h.shape[1])]
+        return np.column_stack(cols).max(axis=1)
 
     def _analyse(self, series: TimeSeries) -> Analysis:
-        h = self.history_
-        contrib = self._columns(np.vstack([h, series.values]), len(h))[len(h):]
+        h, x = self.history_, series.values
+        n_h = len(h)
+        cols = []
+        for j in range(x.shape[1]):
+            raw = np.zeros(len(x))
+            for g in range(self.n_grids):
+                bins = context_bins(x[:, j], n_h, self.n_bins, g / self.n_grids, **self.grids_[j])
+                raw += surprise_of_bins(bins, set(self.memory_[j][g]), max_order=self.max_order, starts=(0,))
+            full_raw = np.concatenate([self.history_raw_[:, j], raw / self.n_grids])
+            cols.append(self._post(np.concatenate([h[:, j], x[:, j]]), full_raw, n_h)[n_h:])
+        contrib = np.column_stack(cols)
         return Analysis(contrib.max(axis=1), contrib, None)

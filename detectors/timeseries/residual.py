@@ -1,7 +1,7 @@
 """Seasonal / forecasting residual with robust thresholds (point and contextual anomalies).
 
 The forecast of row ``t`` uses only rows before it (causal, so it also runs
-online): an EWMA level plus, when the training data is seasonal, the average
+online): an EWMA level plus, when the training data is seasonal, the median
 deviation from the level at the same phase in the last ``n_cycles`` periods. A
 value that is normal globally but wrong for its phase (a contextual anomaly) thus
 leaves a large residual. Residuals are divided by a robust per-variable scale (MAD
@@ -10,7 +10,7 @@ variable's additive contribution (root cause).
 
 Warm-up: during the first period of a series there is no past cycle yet, so the
 forecast is the lagging level alone; during the second only one past cycle is
-averaged (and the level's own start-up rows, see ``settle_rows``, are no cycle to
+used (and the level's own start-up rows, see ``settle_rows``, are no cycle to
 copy). A scale pooled over all training rows would make every fresh series (or
 window of one) peak there. So the scale is learned *per seasonal depth* (how many
 past cycles the forecast of a row could average: ``0 .. n_cycles``) from the
@@ -64,14 +64,14 @@ def detect_period(x: np.ndarray, max_period: int, min_acf: float = 0.3) -> int |
 
 
 class ResidualDetector(TimeSeriesDetector):
-    """Robust z-score of a causal seasonal forecast residual.
+    """Robust z-score of a causal seasonal forecast residual (median of past cycles, per-depth scale).
 
     Args:
         span: EWMA span of the level (rows).
         period: Seasonal period in rows; ``"auto"`` detects it from training data
             (ACF), ``None`` disables the seasonal term.
         max_period: Longest period considered by ``"auto"``.
-        n_cycles: Past periods averaged for the seasonal term.
+        n_cycles: Past periods whose median is the seasonal term.
         smooth: EWMA span applied to squared z-scores (1 = none); smoothing trades
             point anomalies for sustained/collective ones (telemanom smooths errors).
         **kw: See :class:`TimeSeriesDetector`.
@@ -111,24 +111,33 @@ class ResidualDetector(TimeSeriesDetector):
         alpha = 2.0 / (self.span + 1.0)
         return max(1, int(np.ceil(np.log(0.02) / np.log(1.0 - alpha))))
 
+    def _seasonal(self, dev: np.ndarray) -> np.ndarray:
+        """Seasonal term of every row: the median deviation at the same phase in the past cycles.
+
+        Row ``t`` at depth ``k`` (see :meth:`_depth`) takes the median of ``dev[t - j * p]``
+        for ``j = 1..k``; with three cycles one anomalous cycle is outvoted instead of
+        echoing one and two periods later. Rows at depth 0 get 0.
+        """
+        n = dev.shape[0]
+        seas = np.zeros_like(dev)
+        p, w0 = self.period_, self.settle_rows
+        if p is None:
+            return seas
+        for k in range(1, self.n_cycles + 1):
+            a = w0 + k * p
+            if a >= n:
+                break
+            b = n if k == self.n_cycles else min(n, a + p)
+            past = [dev[a - j * p : b - j * p] for j in range(1, k + 1)]
+            seas[a:b] = past[0] if k == 1 else np.median(np.stack(past), axis=0)
+        return seas
+
     def _forecast(self, x: np.ndarray) -> np.ndarray:
         level = ewma(x, self.span)
         prev = np.empty_like(level)
         prev[0] = x[0]
         prev[1:] = level[:-1]
-        p, w0, n = self.period_, self.settle_rows, x.shape[0]
-        if p is None or n <= p + w0:
-            return prev
-        dev = x - prev
-        seas = np.zeros_like(x)
-        cnt = np.zeros((n, 1))
-        for k in range(1, self.n_cycles + 1):
-            lag = k * p
-            if lag + w0 >= n:
-                break
-            seas[lag + w0 :] += dev[w0 : n - lag]  # row t uses row t - lag once that row had settled
-            cnt[lag + w0 :] += 1.0
-        return prev + seas / np.maximum(cnt, 1.0)
+        return prev + self._seasonal(x - prev)
 
     def _depth(self, n: int) -> np.ndarray:
         """``(n,)`` past cycles averaged by the forecast of each row (0 = warm-up, no seasonal term)."""
@@ -157,7 +166,10 @@ class ResidualDetector(TimeSeriesDetector):
                 scales[k] = robust_scale(rows) if len(rows) else robust_scale(res)
             else:  # too little training data this deep: keep the (wider) band of the depth before
                 scales[k] = scales[k - 1]
-        self.scales_ = scales
+        # Fewer past cycles never make the forecast more precise: a shallower depth's band is
+        # at least as wide as every deeper one's (a quiet first period of the training data
+        # must not make the warm-up of every scored series hypersensitive).
+        self.scales_ = np.maximum.accumulate(scales[::-1], axis=0)[::-1].copy()
         self.scale_ = scales[-1]  # the steady-state scale (full seasonal depth)
 
     def _analyse(self, series: TimeSeries) -> Analysis:
@@ -177,22 +189,12 @@ class ResidualDetector(TimeSeriesDetector):
         e = np.empty_like(x)
         e[0] = 0.0
         np.subtract(x[1:], level[:-1], out=e[1:])
-        p, w0, n = self.period_, self.settle_rows, len(x)
-        if p is not None and n > p + w0:
-            seas = np.zeros_like(x)
-            cnt = np.zeros_like(x)
-            for k in range(1, self.n_cycles + 1):
-                lag = k * p
-                if lag + w0 >= n:
-                    break
-                seas[lag + w0 :] += e[w0 : n - lag]
-                cnt[lag + w0 :] += 1.0
-            e -= seas / np.maximum(cnt, 1.0)
+        e -= self._seasonal(e)
         np.abs(e, out=e)
         if len(self.scales_) == 1:
             e /= float(self.scales_[0, 0])
         else:
-            e /= self.scales_[self._depth(n), 0]
+            e /= self.scales_[self._depth(len(x)), 0]
         if self.smooth > 1:
             e = np.sqrt(ewma(e * e, self.smooth))
         return e

@@ -77,3 +77,26 @@ def test_online_context_detector_contract() -> None:
     assert scores[1] > scores[0]
     cands = det.detect([TimeSeries.from_array(x, ["v"], id="x")], "synthetic")
     assert cands and cands[0].locator["i0"] <= 605
+
+
+def test_context_starts_restart_the_contexts() -> None:
+    x = np.tile([0.0, 1.0, 2.0, 3.0], 50)
+    y = np.concatenate([x, x[2:]])  # a second series that starts mid-cycle: 3 -> 2 was never seen
+    joined = online.context_surprise(y, 40, n_bins=4)
+    split = online.context_surprise(y, 40, n_bins=4, starts=(0, len(x)))
+    assert joined[len(x)] > 0  # the seam looks like a new transition
+    assert split[len(x) : len(x) + 8].max() == 0.0  # the same values, learned, seen as a new series
+    assert np.array_equal(online.context_surprise(x, 40, n_bins=4, starts=(0,)), online.context_surprise(x, 40, n_bins=4))
+
+
+def test_online_context_detector_no_seam_at_series_start() -> None:
+    det = online.OnlineContextDetector().fit([TimeSeries.from_array(_periodic(1500, 7), ["v"])])
+    state = (det.history_raw_.copy(), [[len(s) for s in sets] for sets in det.memory_])
+    peaks = []
+    for seed in range(8):
+        x = _periodic(437, seed + 20)[37:]  # another phase than the end of training
+        peaks.append(int(np.argmax(det.point_scores(TimeSeries.from_array(x, ["v"])))))
+    assert sum(p < 60 for p in peaks) <= 4, peaks
+    # scoring learned nothing that outlives the call
+    assert np.array_equal(state[0], det.history_raw_)
+    assert state[1] == [[len(s) for s in sets] for sets in det.memory_]
