@@ -283,6 +283,9 @@ def decide(candidate: Candidate, rules: Sequence[Rule], answer: ModelAnswer | No
 
 # ================================================================================ cache
 
+_MASK = re.compile(r"\S*\d\S*")
+
+
 def evidence_signature(candidate: Candidate) -> dict[str, Any]:
     """What makes two candidates "the same" for the model: kinds, reasons, templates, names.
 
@@ -292,7 +295,13 @@ def evidence_signature(candidate: Candidate) -> dict[str, Any]:
     items = []
     for ev in candidate.evidence:
         d = ev.data
-        templates = d.get("templates") if isinstance(d.get("templates"), list) else []
+        templates = list(d.get("templates")) if isinstance(d.get("templates"), list) else []
+        texts = d.get("text") if isinstance(d.get("text"), list) else []
+        for i, t in enumerate(templates):
+            # A line that matched no template carries its meaning in its text: use the text with
+            # every token holding a digit masked (block ids, hosts, sizes), like a template.
+            if str(t).strip().lower() == "<unseen>" and i < len(texts):
+                templates[i] = "<unseen> " + _MASK.sub("<*>", " ".join(str(texts[i]).split()))[:300]
         variables = []
         for key in ("top_variables", "variables"):
             if isinstance(d.get(key), list):

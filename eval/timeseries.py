@@ -61,6 +61,9 @@ def run(data_dir: Path, out: Path | None, echo: Callable[[str], None] = print, *
     if sm_dir.exists():
         echo("SMAP/MSL: per-channel fit on train, score test")
         result["smap_msl"] = smap_msl.run(sm_dir, smap_factories(include_slow), echo=echo)
+    from eval.rootcause import root_cause_eval
+
+    result["root_cause"] = root_cause_eval(echo=echo)
     result["seconds"] = round(time.perf_counter() - t0, 1)
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)

@@ -46,10 +46,8 @@ def test_deterministic() -> None:
     assert generate_hdfs_log(200, anomaly_rate=0.1, seed=10).lines != a.lines
 
 
-def test_fast() -> None:
-    t0 = time.perf_counter()
+def test_block_count_and_size() -> None:
     big = generate_hdfs_log(1000, anomaly_rate=0.05, seed=1)
-    assert time.perf_counter() - t0 < 1.0
     assert len(big.labels) == 1000 and len(big.lines) > 10_000
 
 
