@@ -9,11 +9,25 @@ contributor.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
+from detectors.records import Candidate
 from detectors.registry import make_detector
-from eval.synth_ts import make_case
+from eval.synth_ts import Fault, SynthCase, make_case
+
+
+def attribute(candidates: Sequence[Candidate], case: SynthCase) -> list[tuple[Fault, bool | None]]:
+    """Per fault: ``None`` if no candidate overlaps it, else whether the top candidate names its variable."""
+    out: list[tuple[Fault, bool | None]] = []
+    for fault in case.faults:
+        over = [c for c in candidates if c.locator["i0"] <= fault.i1 and c.locator["i1"] >= fault.i0]
+        if not over:
+            out.append((fault, None))
+        else:
+            top = max(over, key=lambda c: c.score)
+            out.append((fault, top.locator["top_variable"] == case.test.columns[fault.var]))
+    return out
 
 
 def root_cause_eval(detector: str = "ts-crossvar", seeds: range = range(5), n_vars: int = 24,
@@ -24,16 +38,13 @@ def root_cause_eval(detector: str = "ts-crossvar", seeds: range = range(5), n_va
     for seed in seeds:
         case = make_case(seed, n_vars=n_vars)
         det = make_detector(detector).fit([case.train])
-        cands = det.detect([case.test], f"synth{seed}")
-        for fault in case.faults:
+        for fault, correct in attribute(det.detect([case.test], f"synth{seed}"), case):
             faults += 1
-            over = [c for c in cands if c.locator["i0"] <= fault.i1 and c.locator["i1"] >= fault.i0]
             stats = by_kind.setdefault(fault.kind, [0, 0, 0])
             stats[0] += 1
-            if over:
+            if correct is not None:
                 hits += 1
                 stats[1] += 1
-                correct = max(over, key=lambda c: c.score).locator["top_variable"] == case.test.columns[fault.var]
                 top1 += correct
                 stats[2] += correct
     result = {"detector": detector, "variables": n_vars, "seeds": len(seeds), "faults": faults,

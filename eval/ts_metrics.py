@@ -136,13 +136,21 @@ def _buffered(y: np.ndarray, before: int, after: int, weight: Callable[[np.ndarr
     return soft, ext
 
 
+def _prepare(y: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """Labels as bool and scores without NaN; ``None`` when there is no anomaly to find."""
+    y = np.asarray(y, bool)
+    if not y.any():
+        return None
+    return y, np.nan_to_num(np.asarray(scores, float))
+
+
 def vus_pr(y: np.ndarray, scores: np.ndarray, max_buffer: int = 100, n_buffers: int = 11,
            n_thresholds: int = 200) -> float:
     """VUS-PR: range-AUC-PR averaged over buffer lengths ``0..max_buffer``."""
-    y = np.asarray(y, bool)
-    s = np.nan_to_num(np.asarray(scores, float))
-    if not y.any():
+    prepared = _prepare(y, scores)
+    if prepared is None:
         return float("nan")
+    y, s = prepared
     vals = []
     for l in np.linspace(0, max_buffer, n_buffers).astype(int):
         soft, ext = _buffered(y, l, l, lambda d, size: np.sqrt(np.clip(1 - d / (size + 1), 0, 1)))
@@ -153,10 +161,10 @@ def vus_pr(y: np.ndarray, scores: np.ndarray, max_buffer: int = 100, n_buffers: 
 def pate(y: np.ndarray, scores: np.ndarray, early: int = 50, delay: int = 50, n_buffers: int = 6,
          n_thresholds: int = 200) -> float:
     """Proximity-aware AUC-PR (PATE idea): linear credit in early/delay buffers, averaged over sizes."""
-    y = np.asarray(y, bool)
-    s = np.nan_to_num(np.asarray(scores, float))
-    if not y.any():
+    prepared = _prepare(y, scores)
+    if prepared is None:
         return float("nan")
+    y, s = prepared
     vals = []
     for frac in np.linspace(0, 1, n_buffers):
         e, d = int(round(early * frac)), int(round(delay * frac))
