@@ -188,6 +188,64 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- explain -------------------------------------------------------------------------------
+def _read_candidates(path: Path) -> list[Any]:
+    from pydantic import ValidationError
+
+    from detectors.records import Candidate
+
+    if not path.exists():
+        raise UserError(f"{path}: no such file (write one with `anomaly-agent detect ... --out {path.name}`)")
+    out = []
+    with path.open(encoding="utf-8") as fh:
+        for line_no, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                out.append(Candidate.model_validate_json(line))
+            except ValidationError as exc:
+                first = exc.errors()[0]
+                where = ".".join(str(x) for x in first.get("loc", ())) or "line"
+                raise UserError(f"{path}: line {line_no}: field {where!r}: {first.get('msg')}") from None
+    if not out:
+        raise UserError(f"{path}: no candidates in the file")
+    return out
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from agent.explain import Explainer
+    from knowledge.rules import RuleBook
+
+    candidates = _read_candidates(Path(args.candidates))[: args.top]
+    store = None
+    store_dir = _store_dir(args)
+    if not args.no_knowledge and store_dir.exists():
+        from knowledge.store import KnowledgeStore
+
+        store = KnowledgeStore(store_dir)
+    model = None
+    if args.model != "none":
+        from agent.models import make_model
+
+        model = make_model(args.model)
+    explainer = Explainer(model, store=store, rules=RuleBook(store_dir), cache_dir=store_dir / "explain-cache")
+    out = Path(args.out) if args.out else None
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    with (out.open("w", encoding="utf-8") if out else open(os.devnull, "w")) as fh:
+        for cand in candidates:
+            verdict = explainer.explain(cand)
+            fh.write(verdict.to_json() + "\n")
+            print(f"{cand.id}: {verdict.label.value}, severity {int(verdict.severity)}, {verdict.anomaly_type} "
+                  f"[{verdict.explained_by.value}] {verdict.summary[:160]}")
+            cited = ", ".join([*verdict.evidence_ids, *verdict.passage_ids, *verdict.rule_ids])
+            if cited:
+                print(f"    cites: {cited}")
+    if out:
+        print(f"wrote {len(candidates)} verdicts to {out}")
+    return 0
+
+
 # -- knowledge and rules ---------------------------------------------------------------------
 def _store_dir(args: argparse.Namespace) -> Path:
     return Path(args.store).expanduser()
@@ -308,6 +366,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--severity", default=None, help="0-4 or none/low/medium/high/critical")
     r.add_argument("--store", default=default_store, help="store directory")
     r.set_defaults(func=cmd_rules)
+
+    x = sub.add_parser("explain", help="turn candidates (JSON lines from detect) into cited verdicts")
+    x.add_argument("candidates", help="JSON lines written by `detect --out` or `demo`")
+    x.add_argument("--model", default=_env("model", "smollm2-135m"),
+                   help="smollm2-135m (embedded), qwen2.5-coder-0.5b/1.5b, llama-cpp, openai, or none (rules only)")
+    x.add_argument("--store", default=default_store, help="knowledge/rules store directory")
+    x.add_argument("--no-knowledge", action="store_true", help="do not retrieve passages")
+    x.add_argument("--top", type=int, default=_env("explain_top", 20))
+    x.add_argument("--out", default=_env("explain_out", None), help="write verdicts as JSON lines")
+    x.set_defaults(func=cmd_explain)
 
     m = sub.add_parser("demo", help="run the main job on the bundled sample")
     m.add_argument("--sample", default=_env("sample", str(DEMO_DIR)))
