@@ -241,6 +241,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
             cited = ", ".join([*verdict.evidence_ids, *verdict.passage_ids, *verdict.rule_ids])
             if cited:
                 print(f"    cites: {cited}")
+    stats = explainer.stats.as_dict()
+    print("explain stats: " + ", ".join(f"{k} {v}" for k, v in stats.items()))
     if out:
         print(f"wrote {len(candidates)} verdicts to {out}")
     return 0
@@ -393,6 +395,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (UserError, ValueError, KeyError, FileNotFoundError, IsADirectoryError, PermissionError) as exc:
+        print(f"anomaly-agent {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:
+        # Model problems (not installed, hash refused, timeout) are RuntimeErrors with a reason.
+        from agent.models import ModelError
+
+        if not isinstance(exc, ModelError):
+            raise
         print(f"anomaly-agent {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

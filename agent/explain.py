@@ -92,7 +92,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 MAX_RULES_SHOWN = 8
-DEFAULT_PASSAGES = 3
+DEFAULT_PASSAGES = 2
 CACHE_FORMAT = 1
 
 
@@ -405,7 +405,7 @@ class Explainer:
 
     def __init__(self, model: ChatModel | None, store: Any = None, rules: RuleBook | Sequence[Rule] | None = None,
                  cache_dir: str | Path | None = None, *, weights: DecisionWeights | None = None,
-                 passages: int = DEFAULT_PASSAGES, max_tokens: int = 384, use_cache: bool = True) -> None:
+                 passages: int = DEFAULT_PASSAGES, max_tokens: int = 512, use_cache: bool = True) -> None:
         self.model = model
         self.store = store
         if rules is None and store is not None and hasattr(store, "rulebook"):

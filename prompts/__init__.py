@@ -43,10 +43,10 @@ TEMPLATE = "explain.j2"
 SCHEMA = "verdict.schema.json"
 
 # Size limits of what goes into a prompt (characters), so a prompt for SmolLM2 stays ~1-2k tokens.
-MAX_LINES_PER_EVIDENCE = 6
-MAX_LINE_CHARS = 160
-MAX_SUMMARY_CHARS = 240
-MAX_PASSAGE_CHARS = 360
+MAX_LINES_PER_EVIDENCE = 2
+MAX_LINE_CHARS = 110
+MAX_SUMMARY_CHARS = 200
+MAX_PASSAGE_CHARS = 280
 MAX_RULE_CHARS = 240
 MAX_FIELD_CHARS = 120
 MAX_LOCATOR_KEYS = 8
@@ -179,8 +179,12 @@ def _num(x: float) -> str:
     return f"{x:.4g}"
 
 
-def _evidence_rows(data: Mapping[str, Any]) -> tuple[str, str, list[str]]:
-    """(reason, where, rows) for one evidence item's data, all untrusted values flattened."""
+def _evidence_rows(data: Mapping[str, Any], seen: dict[str, str], eid: str) -> tuple[str, str, list[str]]:
+    """(reason, where, rows) for one evidence item's data, all untrusted values flattened.
+
+    A line already shown under an earlier evidence item (``seen``: line text -> its id) is
+    referred to, not repeated: detectors of an ensemble often cite the same lines.
+    """
     reason = _flat(data["reason"], 40) if isinstance(data.get("reason"), str) else ""
     where = ""
     rows: list[str] = []
@@ -192,12 +196,20 @@ def _evidence_rows(data: Mapping[str, Any]) -> tuple[str, str, list[str]]:
         shown = ", ".join(str(n) for n in lines[:MAX_LINES_PER_EVIDENCE] if isinstance(n, int))
         where = f"lines {shown}" + (f" ({total} total)" if isinstance(total, int) and total > len(lines[:MAX_LINES_PER_EVIDENCE]) else "")
     if isinstance(templates, list) and templates:
-        for t in list(dict.fromkeys(str(t) for t in templates))[:MAX_LINES_PER_EVIDENCE]:
+        for t in list(dict.fromkeys(str(t) for t in templates if str(t) != "<unseen>"))[:MAX_LINES_PER_EVIDENCE]:
             rows.append("template: " + _flat(t, MAX_LINE_CHARS))
     if isinstance(texts, list) and texts:
         nums = lines if isinstance(lines, list) else []
+        tpls = templates if isinstance(templates, list) else []
         for i, text in enumerate(texts[:MAX_LINES_PER_EVIDENCE]):
+            if i < len(tpls) and str(tpls[i]) != "<unseen>":
+                continue  # its template is shown above; raw text only for lines no template explains
             label = f"line {nums[i]}" if i < len(nums) and isinstance(nums[i], int) else "line"
+            key = f"{label}: {text}"
+            if key in seen:
+                rows.append(f"{label}: as in {seen[key]}")
+                continue
+            seen[key] = eid
             rows.append(f"{label}: " + _flat(text, MAX_LINE_CHARS))
     for key in ("t0", "t1"):
         if key in data:
@@ -209,7 +221,7 @@ def _evidence_rows(data: Mapping[str, Any]) -> tuple[str, str, list[str]]:
                 if isinstance(v, Mapping):
                     rows.append("variable: " + _flat(", ".join(f"{k}={v[k]}" for k in list(v)[:5]), MAX_LINE_CHARS))
             break
-    for key in ("expected", "observed", "count", "expected_count", "bbox", "frames", "defect", "channel"):
+    for key in ("bbox", "frames", "defect", "channel"):  # counts and ranges are in the summary already
         if key in data and len(rows) < 2 * MAX_LINES_PER_EVIDENCE:
             rows.append(f"{key}: " + _flat(json.dumps(data[key], default=str), MAX_FIELD_CHARS))
     return reason, where, rows
@@ -239,8 +251,9 @@ def render_explain(candidate: Candidate, passages: Iterable[Any] = (), rules: It
     matched = set(matched_rule_ids)
     evidence = list(candidate.evidence[:MAX_EVIDENCE])
     ev_ctx = []
+    seen: dict[str, str] = {}
     for ev in evidence:
-        reason, where, rows = _evidence_rows(ev.data)
+        reason, where, rows = _evidence_rows(ev.data, seen, _flat(ev.id, 64))
         ev_ctx.append({"id": _flat(ev.id, 64), "kind": ev.kind.value, "reason": reason, "where": where,
                        "summary": _flat(ev.summary, MAX_SUMMARY_CHARS), "rows": rows})
     loc = [(_flat(k, 40), _flat(json.dumps(v, default=str) if not isinstance(v, str) else v, MAX_FIELD_CHARS))

@@ -299,3 +299,10 @@ def test_prompt_has_version_ids_and_nonce() -> None:
     assert schema["properties"]["rule_ids"]["maxItems"] == 0
     free_text = [schema["properties"][k] for k in ("anomaly_type", "summary")]
     assert all("maxLength" in f for f in free_text)
+
+
+def test_system_message_is_the_same_for_every_candidate() -> None:
+    # llama.cpp reuses the KV cache of a shared prefix: the system message carries no data or nonce.
+    a = prompts.render_explain(_candidate("blk_1"))
+    b = prompts.render_explain(_candidate("blk_2", extra_line=INJECTION))
+    assert a.system == b.system and a.nonce != b.nonce and a.nonce not in a.system
