@@ -560,20 +560,24 @@ class LlamaCppModel:
             raise ModelError(f"{self.model_id}: generation failed: {type(exc).__name__}: {exc}") from exc
         if timed_out.is_set():
             raise ModelTimeout(f"{self.model_id}: generation stopped after {self.timeout:g} s")
-        try:
-            choice = result["choices"][0]
-            text = choice["message"]["content"] or ""
-        except (KeyError, IndexError, TypeError) as exc:
-            raise ModelError(f"{self.model_id}: unexpected response shape: {exc}") from None
-        self.last_usage = dict(result.get("usage") or {})
-        self.last_finish_reason = choice.get("finish_reason")
-        return Message(role="assistant", content=text)
+        message, self.last_usage, self.last_finish_reason = _chat_completion_message(result, self.model_id)
+        return message
 
     def close(self) -> None:
         """Free the native model."""
         llm, self._llm = self._llm, None
         if llm is not None and hasattr(llm, "close"):
             llm.close()
+
+
+def _chat_completion_message(result: Any, model_id: str) -> tuple[Message, dict[str, Any], Any]:
+    """The assistant message, usage and finish reason of an OpenAI-style chat completion."""
+    try:
+        choice = result["choices"][0]
+        text = choice["message"]["content"] or ""
+    except (KeyError, IndexError, TypeError) as exc:
+        raise ModelError(f"{model_id}: unexpected response shape: {exc}") from None
+    return Message(role="assistant", content=str(text)), dict(result.get("usage") or {}), choice.get("finish_reason")
 
 
 def _stopping_list(fns: list[Callable[[Any, Any], bool]]) -> Any:
@@ -676,14 +680,8 @@ class OpenAICompatibleModel:
                 raise ModelError(f"{self.model_id}: response is not JSON: {raw[:200]!r}") from None
 
         result = run_with_deadline(call, self.timeout, self.model_id)
-        try:
-            choice = result["choices"][0]
-            text = choice["message"]["content"] or ""
-        except (KeyError, IndexError, TypeError) as exc:
-            raise ModelError(f"{self.model_id}: unexpected response shape: {exc}") from None
-        self.last_usage = dict(result.get("usage") or {})
-        self.last_finish_reason = choice.get("finish_reason")
-        return Message(role="assistant", content=str(text))
+        message, self.last_usage, self.last_finish_reason = _chat_completion_message(result, self.model_id)
+        return message
 
 
 # =============================================================================== transformers

@@ -25,7 +25,7 @@ SMAP channel set is scored in well under a second per detector.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -136,42 +136,38 @@ def _buffered(y: np.ndarray, before: int, after: int, weight: Callable[[np.ndarr
     return soft, ext
 
 
-def _prepare(y: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-    """Labels as bool and scores without NaN; ``None`` when there is no anomaly to find."""
+def _mean_range_auc(y: np.ndarray, scores: np.ndarray,
+                    buffers: Callable[[np.ndarray], Iterator[tuple[np.ndarray, np.ndarray]]],
+                    n_thresholds: int) -> float:
+    """Range-AUC-PR averaged over the (soft labels, extended mask) pairs ``buffers`` yields; NaN without anomalies."""
     y = np.asarray(y, bool)
     if not y.any():
-        return None
-    return y, np.nan_to_num(np.asarray(scores, float))
+        return float("nan")
+    s = np.nan_to_num(np.asarray(scores, float))
+    return float(np.mean([_range_pr_auc(y, s, soft, ext, n_thresholds) for soft, ext in buffers(y)]))
 
 
 def vus_pr(y: np.ndarray, scores: np.ndarray, max_buffer: int = 100, n_buffers: int = 11,
            n_thresholds: int = 200) -> float:
     """VUS-PR: range-AUC-PR averaged over buffer lengths ``0..max_buffer``."""
-    prepared = _prepare(y, scores)
-    if prepared is None:
-        return float("nan")
-    y, s = prepared
-    vals = []
-    for l in np.linspace(0, max_buffer, n_buffers).astype(int):
-        soft, ext = _buffered(y, l, l, lambda d, size: np.sqrt(np.clip(1 - d / (size + 1), 0, 1)))
-        vals.append(_range_pr_auc(y, s, soft, ext, n_thresholds))
-    return float(np.mean(vals))
+    def buffers(y: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for l in np.linspace(0, max_buffer, n_buffers).astype(int):
+            yield _buffered(y, l, l, lambda d, size: np.sqrt(np.clip(1 - d / (size + 1), 0, 1)))
+
+    return _mean_range_auc(y, scores, buffers, n_thresholds)
 
 
 def pate(y: np.ndarray, scores: np.ndarray, early: int = 50, delay: int = 50, n_buffers: int = 6,
          n_thresholds: int = 200) -> float:
     """Proximity-aware AUC-PR (PATE idea): linear credit in early/delay buffers, averaged over sizes."""
-    prepared = _prepare(y, scores)
-    if prepared is None:
-        return float("nan")
-    y, s = prepared
-    vals = []
-    for frac in np.linspace(0, 1, n_buffers):
-        e, d = int(round(early * frac)), int(round(delay * frac))
-        soft, ext = _buffered(y, e, 0, lambda dist, size: 1 - dist / (size + 1))
-        soft2, ext2 = _buffered(y, 0, d, lambda dist, size: 1 - dist / (size + 1))
-        vals.append(_range_pr_auc(y, s, np.maximum(soft, soft2), ext | ext2, n_thresholds))
-    return float(np.mean(vals))
+    def buffers(y: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for frac in np.linspace(0, 1, n_buffers):
+            e, d = int(round(early * frac)), int(round(delay * frac))
+            soft, ext = _buffered(y, e, 0, lambda dist, size: 1 - dist / (size + 1))
+            soft2, ext2 = _buffered(y, 0, d, lambda dist, size: 1 - dist / (size + 1))
+            yield np.maximum(soft, soft2), ext | ext2
+
+    return _mean_range_auc(y, scores, buffers, n_thresholds)
 
 
 # ----------------------------------------------------------------------- affiliation
