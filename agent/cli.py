@@ -101,6 +101,24 @@ def cmd_detect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _diverse(candidates: Sequence[Any], n: int) -> list[Any]:
+    """The top ``n`` candidates, taken in turn from each kind of finding (its first evidence's reason).
+
+    Scores of different members are not comparable in size, so a plain top-n can show a
+    single kind of anomaly; a demo should show each kind the detectors found.
+    """
+    groups: dict[str, list[Any]] = {}
+    for cand in candidates:
+        reason = cand.evidence[0].data.get("reason", "other") if cand.evidence else "other"
+        groups.setdefault(str(reason), []).append(cand)
+    out: list[Any] = []
+    while len(out) < n and any(groups.values()):
+        for queue in groups.values():
+            if queue and len(out) < n:
+                out.append(queue.pop(0))
+    return out
+
+
 def _print_candidates(candidates: Sequence[Any], scored: int) -> None:
     print(f"{len(candidates)} top candidate(s) of {scored} sequences scored")
     for rank, cand in enumerate(candidates, 1):
@@ -166,7 +184,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     result = pipe.detect(test)
     print(f"anomaly-agent demo: fitted {args.detector} on {train.name} (normal operation), "
           f"scored {result.sequences_scored} block sessions of {test.name}\n")
-    _print_candidates(result.candidates[: args.top], result.sequences_scored)
+    _print_candidates(_diverse(result.candidates, args.top), result.sequences_scored)
     if labels_csv.exists():
         import csv
 
