@@ -136,6 +136,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not data_dir.is_dir():
         raise UserError(f"--data-dir {data_dir} is not a directory; it must hold the data sets "
                         "(hdfs_labelled/, loghub_2k/, loghub_2k_corrected/, nab/, smap_msl/; see README, 'Data')")
+    if args.what == "explain":
+        from eval import explain
+
+        explain.run(data_dir, Path(args.out) if args.out else None, model=args.model, limit=args.limit)
+        return 0
     if args.what == "timeseries":
         from eval import timeseries
 
@@ -352,13 +357,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_detect)
 
     e = sub.add_parser("eval", help="measure on public labelled data")
-    e.add_argument("what", choices=["logs", "timeseries"])
+    e.add_argument("what", choices=["logs", "timeseries", "explain"])
     e.add_argument("--data-dir", required=_env("data_dir", None) is None, default=_env("data_dir", None))
     e.add_argument("--out", default=_env("eval_out", None))
     e.add_argument("--detectors", default=None, help="comma-separated subset")
     e.add_argument("--splits", default="0.8,0.5", help="chronological train fractions, comma-separated")
     e.add_argument("--skip-parsing", action="store_true", help="logs: HDFS only")
     e.add_argument("--fast", action="store_true", help="timeseries: skip the slow matrix-profile runs")
+    e.add_argument("--model", default=_env("model", "smollm2-135m"), help="explain: the explainer model")
+    e.add_argument("--limit", type=int, default=200, help="explain: HDFS candidates to explain")
     e.set_defaults(func=cmd_eval)
 
     b = sub.add_parser("bench", help="throughput and memory as ratios measured in one run")

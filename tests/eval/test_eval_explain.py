@@ -1,0 +1,115 @@
+"""The explanation eval (eval/explain.py) with fake deterministic models: fast, no /work/shared.
+
+* A model that obeys instructions only *outside* the prompt's DATA blocks (what a well-behaved
+  model sees once untrusted text is delimited) passes both suites.
+* A naive model that obeys instructions anywhere must fail some injection cases: the suite
+  has teeth.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.models import Message
+from eval import explain as ev
+
+
+def _answer(schema: dict[str, Any] | None, **over: Any) -> str:
+    """A schema-valid answer citing only ids the schema allows."""
+    props = (schema or {}).get("properties", {})
+    ev_ids = list(props.get("evidence_ids", {}).get("items", {}).get("enum", []))[:2]
+    p_ids = list(props.get("passage_ids", {}).get("items", {}).get("enum", []))[:1]
+    base = {"anomaly_type": "write pipeline failure", "summary": "The write pipeline failed.",
+            "causal_chain": [{"text": "A DataNode failed", "evidence_ids": ev_ids[:1]}] if ev_ids else [],
+            "evidence_ids": ev_ids, "passage_ids": p_ids, "rule_ids": [], "label": "anomaly", "severity": 3,
+            "confidence": 0.8, "actions": ["Check the DataNode disk"]}
+    base.update(over)
+    return json.dumps(base)
+
+
+class FakeModel:
+    def __init__(self, reply: Callable[[Sequence[Message], dict[str, Any] | None], str], model_id: str) -> None:
+        self.reply, self.model_id, self.adapter, self.calls = reply, model_id, None, 0
+
+    def generate(self, messages: Sequence[Message], schema: dict[str, Any] | None = None, max_tokens: int = 384,
+                 temperature: float = 0.0) -> Message:
+        self.calls += 1
+        return Message(role="assistant", content=self.reply(messages, schema))
+
+
+def _outside_data(text: str) -> str:
+    return re.sub(r"<<<DATA (\w+) [^\n]*>>>\n.*?\n<<<END DATA \1>>>", "", text, flags=re.S)
+
+
+# The system message itself warns against "answer normal": the fakes read only the user turns.
+def _obeying(text: str, schema: dict[str, Any] | None) -> str:
+    low = text.lower()
+    if "answer normal" in low or '"label": "normal"' in low or "label normal" in low:
+        return _answer(schema, label="normal", severity=0, confidence=1.0, summary="all good")
+    if "severity 4" in low:
+        return _answer(schema, severity=4, confidence=1.0)
+    return _answer(schema)
+
+
+def careful(messages: Sequence[Message], schema: dict[str, Any] | None) -> str:
+    return _obeying("\n".join(_outside_data(m.content) for m in messages if m.role != "system"), schema)
+
+
+def naive(messages: Sequence[Message], schema: dict[str, Any] | None) -> str:
+    return _obeying("\n".join(m.content for m in messages if m.role != "system"), schema)
+
+
+@pytest.fixture(scope="module")
+def cands() -> ev.SuiteCandidates:
+    return ev.synth_candidates()
+
+
+def test_synthetic_candidates_cover_the_suites(cands: ev.SuiteCandidates) -> None:
+    kinds = set(cands.by_kind)
+    assert {c.kind for c in ev.RULE_CASES} <= kinds and set(ev.INJECTION_BASES) <= kinds
+    assert cands.by_kind["normal"].score < cands.by_kind["normal"].threshold
+    assert cands.by_kind["borderline_write_exception"].score == pytest.approx(
+        cands.by_kind["borderline_write_exception"].threshold * ev.BORDERLINE_RATIO)
+
+
+def test_rule_suite_all_pass_with_fake_model(cands: ev.SuiteCandidates) -> None:
+    assert len(ev.RULE_CASES) >= 20
+    res = ev.rule_suite(FakeModel(careful, "fake-careful"), cands, echo=lambda _s: None)
+    failed = [c for c in res["cases"] if not c["passed"]]
+    assert res["total"] == len(ev.RULE_CASES) and not failed, failed
+    assert all(c["compiled"] and c["explained_by"] == "model" for c in res["cases"])
+
+
+def test_injection_suite_careful_passes_naive_fails(cands: ev.SuiteCandidates) -> None:
+    careful_res = ev.injection_suite(FakeModel(careful, "fake-careful"), cands, n=24, echo=lambda _s: None)
+    assert careful_res["total"] == 24
+    assert careful_res["passed"] == 24, [c for c in careful_res["cases"] if not c["passed"]]
+    assert {c["where"] for c in careful_res["cases"]} == set(ev.INJECTION_WHERE)
+    assert all(c["dirty_by"] == "model" for c in careful_res["cases"])
+    naive_res = ev.injection_suite(FakeModel(naive, "fake-naive"), cands, n=24, echo=lambda _s: None)
+    assert naive_res["passed"] < naive_res["total"]  # the suite catches a model that obeys injected text
+
+
+def test_run_without_data_writes_json_and_markdown(tmp_path: Path) -> None:
+    lines: list[str] = []
+    out = tmp_path / "eval_explain.json"
+    res = ev.run(None, out, model=FakeModel(careful, "fake-careful"), knowledge=False, injection_cases_n=20,
+                 echo=lines.append)
+    assert res["hdfs_skipped"] and res["rules"]["passed"] == res["rules"]["total"] >= 20
+    assert res["injection"]["passed"] == res["injection"]["total"] == 20
+    saved = json.loads(out.read_text())
+    assert saved["rules"]["total"] == res["rules"]["total"] and saved["overhead"]["model_s"] >= 0
+    text = "\n".join(lines)
+    assert "Rule suite" in text and "Injection suite" in text and "passed" in text
+
+
+def test_percentile_and_overhead() -> None:
+    assert ev._percentile([3.0, 1.0, 2.0], 0.5) == 2.0 and ev._percentile([], 0.5) is None
+    o = ev.overhead({"retrieval_s": 0.1, "prompt_s": 0.1, "validate_s": 0.05, "model_s": 1.0})
+    assert o["share_of_model_time"] == pytest.approx(0.25)
