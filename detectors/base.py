@@ -62,10 +62,12 @@ class Detector(ABC, Generic[X]):
             self.threshold_ = float(self.threshold)
         elif learned is not None:
             self.threshold_ = learned
-        elif self.contamination == 0.0:
-            self.threshold_ = float(np.max(train_scores))
         else:
+            # contamination 0 -> quantile 1.0, the largest training score.
             self.threshold_ = float(np.quantile(train_scores, 1.0 - self.contamination))
+            floor = self._threshold_floor()
+            if floor is not None:
+                self.threshold_ = max(self.threshold_, floor)
         self.fitted_ = True
         return self
 
@@ -152,6 +154,10 @@ class Detector(ABC, Generic[X]):
 
     def _learned_threshold(self) -> float | None:
         """A threshold the method itself defines (e.g. a Q-statistic); ``None`` = use contamination."""
+        return None
+
+    def _threshold_floor(self) -> float | None:
+        """Smallest meaningful learned threshold, for scores whose normal values are a point mass at 0."""
         return None
 
     def _check_fitted(self) -> None:

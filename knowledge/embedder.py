@@ -27,6 +27,8 @@ import numpy as np
 from chromadb.api.types import Documents, EmbeddingFunction, Embeddings, Space
 from chromadb.utils.embedding_functions import register_embedding_function
 
+from detectors.threads import torch_threads
+
 if TYPE_CHECKING:  # pragma: no cover
     from sentence_transformers import SentenceTransformer
 
@@ -80,16 +82,6 @@ def model_dir() -> Path:
         f"pip install --force-reinstall {PACKAGE}=={PACKAGE_VERSION}")
 
 
-def embed_threads(threads: int | None = None) -> int:
-    """Torch threads for encoding: ``threads`` if given, else ``ANOMALY_AGENT_THREADS``, else min(2, cores)."""
-    if threads:
-        return max(1, int(threads))
-    env = os.environ.get("ANOMALY_AGENT_THREADS", "").strip()
-    if env.isdigit() and int(env) > 0:
-        return int(env)
-    return max(1, min(2, os.cpu_count() or 1))
-
-
 _LOAD_LOCK = threading.Lock()
 
 
@@ -124,7 +116,7 @@ def load_model(threads: int | None = None) -> "SentenceTransformer":
     """The packaged SentenceTransformer (loaded once per process), on CPU."""
     import torch
 
-    torch.set_num_threads(embed_threads(threads))
+    torch.set_num_threads(torch_threads(threads))
     with _LOAD_LOCK:
         return _load(str(model_dir()))
 
@@ -136,7 +128,7 @@ def embed(texts: list[str], threads: int | None = None, batch_size: int = 32) ->
     import torch
 
     model = load_model(threads)
-    torch.set_num_threads(embed_threads(threads))
+    torch.set_num_threads(torch_threads(threads))
     vectors = model.encode(list(texts), batch_size=batch_size, convert_to_numpy=True,
                            normalize_embeddings=True, show_progress_bar=False)
     return np.asarray(vectors, dtype=np.float32)
@@ -150,7 +142,7 @@ class MiniLMEmbedding(EmbeddingFunction[Documents]):
     not load the model: that happens on the first call, so opening a store is cheap.
 
     Args:
-        threads: Torch threads for encoding; see :func:`embed_threads`.
+        threads: Torch threads for encoding; see :func:`detectors.threads.torch_threads`.
         batch_size: Sentences per forward pass.
     """
 

@@ -58,11 +58,10 @@ class PCACountDetector(LogDetector):
         self.unseen_weight = unseen_weight
         self.min_threshold = min_threshold
 
-    def _learned_threshold(self) -> float | None:
+    def _threshold_floor(self) -> float | None:
         # On very regular training data the largest residual is ~1e-30; a residual
         # of less than half a line's count is never a finding.
-        quantile = 1.0 if self.contamination == 0.0 else 1.0 - self.contamination
-        return max(float(np.quantile(self.train_scores_, quantile)), self.min_threshold)
+        return self.min_threshold
 
     def _fit(self, items: Sequence[LogSequence]) -> None:
         self.vocab_ = vocabulary(items)

@@ -103,8 +103,8 @@ class ParameterRangeDetector(LogDetector):
         self.max_positions = max_positions
         self.margin = margin
 
-    def _learned_threshold(self) -> float | None:
-        return max(float(np.max(self.train_scores_)), self.margin)
+    def _threshold_floor(self) -> float | None:
+        return self.margin
 
     def _numbers(self, content: str) -> list[float]:
         return [float(x) for x in _NUMBER.findall(content)[: self.max_positions]]

@@ -13,7 +13,6 @@ workflows repeat, so this is usually 100x less work than one step per line.
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from collections.abc import Sequence
 
@@ -22,14 +21,10 @@ import numpy as np
 from detectors.logs.base import LogDetector, line_evidence
 from detectors.logs.sessions import LogSequence
 from detectors.records import Evidence
+from detectors.threads import torch_threads
 
 PAD, BOS, EOS, UNK = 0, 1, 2, 3
 _SPECIAL = 4
-
-
-def torch_threads() -> int:
-    """Threads for torch; ``ANOMALY_AGENT_THREADS`` overrides (shared machines slow down 3-10x when oversubscribed)."""
-    return int(os.environ.get("ANOMALY_AGENT_THREADS", "0")) or max(1, min(2, os.cpu_count() or 1))
 
 
 class LSTMSequenceDetector(LogDetector):

@@ -22,9 +22,9 @@ from knowledge.embedder import (
     EmbedderUnavailable,
     MiniLMEmbedding,
     embed,
-    embed_threads,
     model_dir,
 )
+from detectors.threads import torch_threads as embed_threads
 from knowledge.records import Passage, SourceInfo
 from knowledge.rules import RuleBook
 from knowledge.store import COLLECTIONS, KnowledgeStore, candidate_queries
