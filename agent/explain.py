@@ -56,7 +56,7 @@ import re
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,6 +93,9 @@ log = logging.getLogger(__name__)
 
 MAX_RULES_SHOWN = 8
 DEFAULT_PASSAGES = 2
+MIN_PASSAGE_SCORE = 0.35
+"""Cosine similarity below which a retrieved passage is not shown: an off-topic passage (the
+spacecraft guide for an HDFS block) costs prompt time and invites the model to cite noise."""
 CACHE_FORMAT = 1
 
 
@@ -127,8 +130,12 @@ class AnswerError(ValueError):
 _FENCE = re.compile(r"^\s*```(?:json)?\s*(.*?)\s*```\s*$", re.S)
 
 
-def parse_answer(text: str) -> ModelAnswer:
-    """Parse and validate the model's JSON (a surrounding code fence is tolerated)."""
+def parse_answer(text: str, unalias: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> ModelAnswer:
+    """Parse and validate the model's JSON (a surrounding code fence is tolerated).
+
+    ``unalias`` maps the prompt's short ids back to real ones before validation
+    (:meth:`prompts.RenderedPrompt.unalias`).
+    """
     raw = text.strip()
     if m := _FENCE.match(raw):
         raw = m.group(1)
@@ -138,6 +145,8 @@ def parse_answer(text: str) -> ModelAnswer:
         raise AnswerError(f"the answer is not valid JSON ({exc.msg} at char {exc.pos})") from None
     if not isinstance(obj, dict):
         raise AnswerError(f"the answer must be a JSON object, got {type(obj).__name__}")
+    if unalias is not None:
+        obj = unalias(obj)
     try:
         return ModelAnswer.model_validate(obj)
     except ValidationError as exc:
@@ -398,14 +407,16 @@ class Explainer:
         rules: A :class:`RuleBook` or a list of :class:`Rule`; default the store's rule book.
         cache_dir: Folder of the explanation cache (JSON); ``None`` keeps it in memory only.
         weights: The decision weights (default :meth:`DecisionWeights.from_env`).
-        passages: Passages retrieved per candidate.
+        passages: Passages retrieved per candidate (at most).
+        min_passage_score: Passages less similar than this are not shown.
         max_tokens: Generation limit per call.
         use_cache: Turn the cache off (benchmarks).
     """
 
     def __init__(self, model: ChatModel | None, store: Any = None, rules: RuleBook | Sequence[Rule] | None = None,
                  cache_dir: str | Path | None = None, *, weights: DecisionWeights | None = None,
-                 passages: int = DEFAULT_PASSAGES, max_tokens: int = 512, use_cache: bool = True) -> None:
+                 passages: int = DEFAULT_PASSAGES, min_passage_score: float = MIN_PASSAGE_SCORE,
+                 max_tokens: int = 512, use_cache: bool = True) -> None:
         self.model = model
         self.store = store
         if rules is None and store is not None and hasattr(store, "rulebook"):
@@ -416,6 +427,7 @@ class Explainer:
         if passages < 0:
             raise ValueError(f"passages must be >= 0, got {passages}")
         self.k_passages = passages
+        self.min_passage_score = min_passage_score
         self.max_tokens = max_tokens
         self.cache = ExplanationCache(cache_dir) if use_cache else None
         self.stats = ExplainStats()
@@ -460,7 +472,8 @@ class Explainer:
         if self.store is None or self.k_passages == 0:
             return []
         try:
-            return list(self.store.search_for(candidate, k=self.k_passages))
+            found = self.store.search_for(candidate, k=self.k_passages)
+            return [p for p in found if getattr(p, "score", None) is None or p.score >= self.min_passage_score]
         except Exception as exc:  # retrieval is a help, not a requirement
             log.warning("retrieval failed for %s: %s", candidate.id, exc)
             self.stats.errors[f"retrieval: {type(exc).__name__}"] += 1
@@ -529,7 +542,7 @@ class Explainer:
             self.stats.model_s += time.perf_counter() - t2
             t3 = time.perf_counter()
             try:
-                answer = parse_answer(reply.content)
+                answer = parse_answer(reply.content, prompt.unalias)
                 verdict = self._verdict(candidate, answer, passage_ids, rule_ids)
             except (AnswerError, ValidationError, UnresolvedCitation) as exc:
                 last_error = _short_error(exc)

@@ -23,7 +23,7 @@ Settings: every one has a default, a keyword argument, and an environment variab
 =============================  ===========================================  ==================
 setting                        environment variable                         default
 =============================  ===========================================  ==================
-threads                        ``ANOMALY_AGENT_THREADS``                    1
+threads                        ``ANOMALY_AGENT_THREADS``                    min(2, cores)
 n_ctx                          ``ANOMALY_AGENT_N_CTX``                      4096
 timeout (s per generation)     ``ANOMALY_AGENT_MODEL_TIMEOUT``              60
 model cache folder             ``ANOMALY_AGENT_MODEL_CACHE``                ~/.cache/anomaly-agent/models
@@ -55,6 +55,7 @@ from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
 from pydantic import Field, field_validator
 
 from detectors.records import Record
+from detectors.threads import torch_threads
 
 __all__ = [
     "ChatModel",
@@ -412,7 +413,7 @@ class LlamaCppModel:
         model_path: Your own GGUF (``$ANOMALY_AGENT_MODEL_PATH``); checked against ``sha256``
             when given, else only for the GGUF magic.
         sha256: Expected hash of ``model_path``.
-        threads: Threads for generation and prompt processing (``$ANOMALY_AGENT_THREADS``, 1).
+        threads: Threads for generation and prompt processing (``$ANOMALY_AGENT_THREADS``, min(2, cores)).
         n_ctx: Context length (``$ANOMALY_AGENT_N_CTX``, 4096).
         timeout: Wall-clock seconds per generation (``$ANOMALY_AGENT_MODEL_TIMEOUT``, 60).
         lora_path: LoRA adapter in GGUF form (``$ANOMALY_AGENT_LORA``).
@@ -437,7 +438,7 @@ class LlamaCppModel:
         self.preset = preset if model_path is None else None
         self.model_path = Path(model_path).expanduser() if model_path is not None else None
         self.sha256 = sha256
-        self.threads = int(threads if threads is not None else _env("THREADS", 1))
+        self.threads = torch_threads(threads)
         self.n_ctx = int(n_ctx if n_ctx is not None else _env("N_CTX", 4096))
         self.timeout = float(timeout if timeout is not None else _env("MODEL_TIMEOUT", 60.0))
         lora = lora_path if lora_path is not None else (_env("LORA", "") or None)
@@ -447,10 +448,12 @@ class LlamaCppModel:
         self.verbose = verbose
         self._loader = loader
         self._llm: Any = None
-        self._deadline: float | None = None
-        self._timed_out: threading.Event | None = None
         self._lock = threading.Lock()
         self._busy = threading.Event()
+        self.last_usage: dict[str, Any] = {}
+        self.last_finish_reason: Any = None
+        self.last_timing: dict[str, float] = {}
+        """Of the last generation: seconds to the first token (prompt processing) and in all."""
         if self.threads < 1 or self.n_ctx < 256 or self.timeout <= 0:
             raise ValueError(f"bad llama.cpp settings: threads={self.threads} (>=1), n_ctx={self.n_ctx} (>=256), "
                              f"timeout={self.timeout} (>0)")
@@ -492,33 +495,7 @@ class LlamaCppModel:
             raise
         except Exception as exc:
             raise ModelError(f"llama.cpp could not load {path}: {type(exc).__name__}: {exc}") from exc
-        self._install_deadline()
         return self
-
-    def _install_deadline(self) -> None:
-        """Make every completion of the loaded model stop at ``self._deadline``.
-
-        ``create_chat_completion`` takes no stopping criteria (its chat handler builds its own
-        and calls ``create_completion``), and a logits processor runs inside a C callback where
-        an exception is swallowed. So the instance's ``create_completion`` is wrapped to add a
-        criterion that is checked after every token.
-        """
-        llm = self._llm
-        original = llm.create_completion
-
-        def past_deadline(_ids: Any, _logits: Any) -> bool:
-            if self._deadline is not None and time.monotonic() >= self._deadline:
-                if self._timed_out is not None:
-                    self._timed_out.set()
-                return True
-            return False
-
-        def create_completion(*args: Any, **kw: Any) -> Any:
-            existing = kw.get("stopping_criteria")
-            kw["stopping_criteria"] = _stopping_list([*(existing or []), past_deadline])
-            return original(*args, **kw)
-
-        llm.create_completion = create_completion
 
     # ------------------------------------------------------------------ generation
     def generate(self, messages: Sequence[Message], schema: dict[str, Any] | None = None,
@@ -537,31 +514,57 @@ class LlamaCppModel:
             kwargs["response_format"] = {"type": "json_object", "schema": schema}
         timed_out = threading.Event()
 
-        def call() -> Any:
+        def call() -> tuple[str, int, Any]:
+            # Streamed, so the deadline is checked between tokens in Python. (A stopping criterion
+            # does the same inside llama-cpp-python but made every token about 2x slower here:
+            # it takes its slow sampling path; see bench explain.)
             self._busy.set()
             try:
                 with self._lock:
-                    self._deadline = time.monotonic() + self.timeout
-                    self._timed_out = timed_out
+                    start = time.monotonic()
+                    deadline = start + self.timeout
+                    parts: list[str] = []
+                    n = 0
+                    finish: Any = None
+                    first: float | None = None
+                    stream = self._llm.create_chat_completion(**kwargs, stream=True)
                     try:
-                        return self._llm.create_chat_completion(**kwargs)
+                        for chunk in stream:
+                            if first is None:
+                                first = time.monotonic() - start
+                            choice = chunk["choices"][0]
+                            piece = (choice.get("delta") or {}).get("content")
+                            if piece:
+                                parts.append(piece)
+                                n += 1
+                            finish = choice.get("finish_reason") or finish
+                            if time.monotonic() >= deadline:
+                                timed_out.set()
+                                break
                     finally:
-                        self._deadline = None
+                        close = getattr(stream, "close", None)
+                        if close is not None:
+                            close()
+                    self.last_timing = {"first_token_s": round(first or 0.0, 4),
+                                        "total_s": round(time.monotonic() - start, 4)}
+                    return "".join(parts), n, finish
             finally:
                 self._busy.clear()
 
-        # The deadline stopping criterion (see _install_deadline) ends generation between tokens;
-        # the thread wait is the backstop for a native call (prompt processing) that runs past it.
+        # The deadline ends generation between tokens; the thread wait is the backstop for a
+        # native call (prompt processing) that runs past it.
         try:
-            result = run_with_deadline(call, self.timeout + 5.0, self.model_id)
+            text, n_tokens, finish = run_with_deadline(call, self.timeout + 5.0, self.model_id)
         except ModelError:
             raise
+        except (KeyError, IndexError, TypeError) as exc:
+            raise ModelError(f"{self.model_id}: unexpected response shape: {exc}") from None
         except Exception as exc:
             raise ModelError(f"{self.model_id}: generation failed: {type(exc).__name__}: {exc}") from exc
         if timed_out.is_set():
             raise ModelTimeout(f"{self.model_id}: generation stopped after {self.timeout:g} s")
-        message, self.last_usage, self.last_finish_reason = _chat_completion_message(result, self.model_id)
-        return message
+        self.last_usage, self.last_finish_reason = {"completion_tokens": n_tokens}, finish
+        return Message(role="assistant", content=text)
 
     def close(self) -> None:
         """Free the native model."""
@@ -578,19 +581,6 @@ def _chat_completion_message(result: Any, model_id: str) -> tuple[Message, dict[
     except (KeyError, IndexError, TypeError) as exc:
         raise ModelError(f"{model_id}: unexpected response shape: {exc}") from None
     return Message(role="assistant", content=str(text)), dict(result.get("usage") or {}), choice.get("finish_reason")
-
-
-def _stopping_list(fns: list[Callable[[Any, Any], bool]]) -> Any:
-    try:
-        from llama_cpp import StoppingCriteriaList
-    except ImportError:  # fakes in tests: a callable list behaves the same
-        return _Criteria(fns)
-    return StoppingCriteriaList(fns)
-
-
-class _Criteria(list):
-    def __call__(self, ids: Any, logits: Any) -> bool:
-        return any(fn(ids, logits) for fn in self)
 
 
 def _short_hash_or_missing(path: Path) -> str:
@@ -693,7 +683,7 @@ class TransformersModel:
         model_path: A local model folder (``save_pretrained`` layout); never downloaded
             (``local_files_only``). ``$ANOMALY_AGENT_MODEL_PATH``.
         adapter_path: A peft LoRA adapter folder (``$ANOMALY_AGENT_LORA``); needs ``peft``.
-        threads: torch intra-op threads (``$ANOMALY_AGENT_THREADS``, 1).
+        threads: torch intra-op threads (``$ANOMALY_AGENT_THREADS``, min(2, cores)).
         timeout: Wall-clock seconds per generation (``$ANOMALY_AGENT_MODEL_TIMEOUT``, 60).
         load_in_4bit: Load with bitsandbytes NF4 (needs ``bitsandbytes``).
 
@@ -710,7 +700,7 @@ class TransformersModel:
         self.model_path = Path(path).expanduser()
         adapter = adapter_path if adapter_path is not None else (_env("LORA", "") or None)
         self.adapter_path = Path(adapter).expanduser() if adapter is not None else None
-        self.threads = int(threads if threads is not None else _env("THREADS", 1))
+        self.threads = torch_threads(threads)
         self.timeout = float(timeout if timeout is not None else _env("MODEL_TIMEOUT", 60.0))
         self.load_in_4bit = load_in_4bit
         self.model_id = f"transformers:{self.model_path.name}"

@@ -1,4 +1,4 @@
-"""How many threads torch may use: one setting for detectors, the embedder and training."""
+"""How many threads torch and llama.cpp may use: one setting for detectors, the embedder, the model and training."""
 
 from __future__ import annotations
 

@@ -429,8 +429,6 @@ _CONDITIONS: list[tuple[re.Pattern[str], Callable[[re.Match[str]], dict[str, Any
     (re.compile(r"\b(?:unseen|new|unknown|never[- ]seen)\s+(?:log\s+)?templates?\b|\btemplates?\s+(?:never|not)\s+seen"
                 r"(?:\s+(?:before|in\s+training))?", re.I),
      lambda m: {"field": "evidence.reason", "op": "eq", "value": "unseen_template"}),
-    (re.compile(r"\b(?P<m>logs?|time[- ]?series|telemetry|images?|video)\b", re.I),
-     lambda m: {"field": "modality", "op": "eq", "value": _MODALITY_WORDS[m["m"].lower().replace("-", "").replace(" ", "")]}),
     (re.compile(rf"\b(?:channel|series|variable|signal|sensor)\s+(?!(?:anomal\w*|is|are|with|and|in|of|on|the|that)\b){_Q}?(?P<v>[A-Za-z0-9][A-Za-z0-9_.:\-]{{0,63}}){_Q}?", re.I),
      lambda m: {"any": [{"field": "locator.series", "op": "eq", "value": m["v"]},
                         {"field": "locator.top_variable", "op": "eq", "value": m["v"]},
@@ -448,6 +446,10 @@ _CONDITIONS: list[tuple[re.Pattern[str], Callable[[re.Match[str]], dict[str, Any
     (re.compile(r"\b(?P<d>blowhole|break|crack|fray|uneven)s?\b", re.I),
      lambda m: {"any": [{"field": "evidence.defect", "op": "eq", "value": m["d"].capitalize()},
                         {"field": "evidence.label", "op": "eq", "value": m["d"].capitalize()}]}),
+    # Last, after detector, source and template names have been consumed, and only as a word on
+    # its own: the "log" in "log-ensemble" or "synth.log" is part of a name, not the modality.
+    (re.compile(r"(?<![\w.\-/])(?P<m>logs?|time[- ]?series|telemetry|images?|video)(?![\w.\-/])", re.I),
+     lambda m: {"field": "modality", "op": "eq", "value": _MODALITY_WORDS[m["m"].lower().replace("-", "").replace(" ", "")]}),
 ]
 _MODALITY_WORDS = {"log": "logs", "logs": "logs", "timeseries": "timeseries", "telemetry": "timeseries",
                    "image": "image", "images": "image", "video": "video"}

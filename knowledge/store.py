@@ -25,6 +25,7 @@ Example::
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -263,31 +264,57 @@ class KnowledgeStore:
                        example=bool(meta.get("example", False)))
 
 
+_DIGITS = re.compile(r"\S*\d\S*")
+_REASON_WORDS = {"unseen_template": "new message never seen in normal operation",
+                 "count_deviation": "message count differs from the normal workflow",
+                 "warning_burst": "warnings and errors", "error_burst": "warnings and errors",
+                 "out_of_range": "value out of the normal range"}
+
+
 def candidate_queries(candidate: Candidate, limit: int = MAX_EVIDENCE_QUERIES) -> list[str]:
-    """Search queries for a candidate: one per evidence item (its summary, reason, templates,
-    variables), each prefixed with what was detected where; one from the candidate itself when
-    it has no evidence.
+    """Search queries for a candidate: one per evidence item, built from what the evidence *is*.
+
+    The content leads (templates; for lines no template covers, the line text with every token
+    holding a digit masked; variable, channel and defect names), then the reason in plain words.
+    Boilerplate such as the detector name, the file name or "2 line(s) of templates never seen"
+    is left out: it is the same for every candidate and pulled every query towards the same
+    generic passages. One query from the candidate itself when it has no evidence.
     """
     head = f"{candidate.modality.value} anomaly from detector {candidate.detector} in {candidate.source}"
     loc = {k: v for k, v in candidate.locator.items() if k in ("series", "top_variable", "image", "channel", "sensor")}
     if loc:
         head += " " + " ".join(f"{k} {v}" for k, v in loc.items())
     queries: list[str] = []
-    for ev in candidate.evidence[:limit]:
-        bits = [ev.summary]
+    seen: set[str] = set()
+    for ev in candidate.evidence:
         data = ev.data
-        if isinstance(data.get("reason"), str):
-            bits.append(data["reason"].replace("_", " "))
-        templates = data.get("templates")
-        if isinstance(templates, list):
-            bits.extend(str(t) for t in dict.fromkeys(templates) if t)  # unique, in order
+        bits: list[str] = []
+        templates = data.get("templates") if isinstance(data.get("templates"), list) else []
+        texts = data.get("text") if isinstance(data.get("text"), list) else []
+        for i, t in enumerate(templates):
+            t = str(t)
+            if t.strip().lower() == "<unseen>" and i < len(texts):
+                t = _DIGITS.sub(" ", str(texts[i]))
+            if t.strip():
+                bits.append(" ".join(t.split()))
         for key in ("top_variables", "variables"):
             items = data.get(key)
             if isinstance(items, list):
-                bits.extend(str(v.get("name")) for v in items[:3] if isinstance(v, dict) and v.get("name"))
+                bits.extend(f"{key[:-1].replace('_', ' ')} {v.get('name')}" for v in items[:3]
+                            if isinstance(v, dict) and v.get("name"))
                 break
         for key in ("defect", "label", "channel", "subsystem"):
             if isinstance(data.get(key), str):
-                bits.append(data[key])
-        queries.append(f"{head}: " + "; ".join(bits))
+                bits.append(f"{key} {data[key]}")
+        reason = data.get("reason")
+        if isinstance(reason, str):
+            bits.append(_REASON_WORDS.get(reason, reason.replace("_", " ")))
+        if not bits:
+            bits.append(ev.summary)
+        query = f"{candidate.modality.value}: " + "; ".join(dict.fromkeys(bits))
+        if query not in seen:  # several detectors often cite the same lines
+            seen.add(query)
+            queries.append(query)
+        if len(queries) >= limit:
+            break
     return queries or [head]

@@ -15,6 +15,7 @@ Nothing here imports :mod:`agent` or :mod:`knowledge`: passages and rules are re
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import re
@@ -45,7 +46,7 @@ SCHEMA = "verdict.schema.json"
 # Size limits of what goes into a prompt (characters), so a prompt for SmolLM2 stays ~1-2k tokens.
 MAX_LINES_PER_EVIDENCE = 2
 MAX_LINE_CHARS = 110
-MAX_SUMMARY_CHARS = 200
+MAX_SUMMARY_CHARS = 150
 MAX_PASSAGE_CHARS = 280
 MAX_RULE_CHARS = 240
 MAX_FIELD_CHARS = 120
@@ -148,7 +149,6 @@ def verdict_schema(evidence_ids: Sequence[str], passage_ids: Sequence[str] = (),
     for key in ("$schema", "$id", "description", "x-schema-version", "title"):
         schema.pop(key, None)
     schema["title"] = "ModelVerdict"
-    props["evidence_ids"] = _id_array(props["evidence_ids"], evidence_ids)
     props["passage_ids"] = _id_array(props["passage_ids"], passage_ids)
     props["rule_ids"] = _id_array(props["rule_ids"], rule_ids)
     step = props["causal_chain"]["items"]["properties"]
@@ -173,17 +173,39 @@ class RenderedPrompt:
     evidence_ids: tuple[str, ...]
     passage_ids: tuple[str, ...]
     rule_ids: tuple[str, ...]
+    aliases: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    """Shown id -> real id, for the evidence (``E1``..) and passage (``P1``..) aliases."""
+
+    def real_id(self, shown: str) -> str:
+        """The real id behind a shown one (an unknown id is returned as is, to fail validation)."""
+        return self.aliases.get(shown, shown)
+
+    def unalias(self, answer: Mapping[str, Any]) -> dict[str, Any]:
+        """The model's answer (a JSON object) with every cited alias replaced by the real id."""
+        out = dict(answer)
+        for key in ("evidence_ids", "passage_ids"):
+            if isinstance(out.get(key), list):
+                out[key] = [self.real_id(x) if isinstance(x, str) else x for x in out[key]]
+        if isinstance(out.get("causal_chain"), list):
+            out["causal_chain"] = [
+                {**step, "evidence_ids": [self.real_id(x) if isinstance(x, str) else x for x in step["evidence_ids"]]}
+                if isinstance(step, Mapping) and isinstance(step.get("evidence_ids"), list) else step
+                for step in out["causal_chain"]]
+        return out
 
 
 def _num(x: float) -> str:
     return f"{x:.4g}"
 
 
-def _evidence_rows(data: Mapping[str, Any], seen: dict[str, str], eid: str) -> tuple[str, str, list[str]]:
+def _evidence_rows(data: Mapping[str, Any], seen: dict[str, str], eid: str,
+                   sequence: str | None = None) -> tuple[str, str, list[str]]:
     """(reason, where, rows) for one evidence item's data, all untrusted values flattened.
 
-    A line already shown under an earlier evidence item (``seen``: line text -> its id) is
-    referred to, not repeated: detectors of an ensemble often cite the same lines.
+    Lines already shown under an earlier evidence item (``seen``: line text -> its id) are
+    referred to, not repeated: detectors of an ensemble often cite the same lines. The
+    candidate's own sequence id (an HDFS block id is ~12 tokens) is written ``<seq>`` in lines;
+    the candidate block shows it once.
     """
     reason = _flat(data["reason"], 40) if isinstance(data.get("reason"), str) else ""
     where = ""
@@ -201,16 +223,22 @@ def _evidence_rows(data: Mapping[str, Any], seen: dict[str, str], eid: str) -> t
     if isinstance(texts, list) and texts:
         nums = lines if isinstance(lines, list) else []
         tpls = templates if isinstance(templates, list) else []
+        repeated: list[str] = []
         for i, text in enumerate(texts[:MAX_LINES_PER_EVIDENCE]):
             if i < len(tpls) and str(tpls[i]) != "<unseen>":
                 continue  # its template is shown above; raw text only for lines no template explains
             label = f"line {nums[i]}" if i < len(nums) and isinstance(nums[i], int) else "line"
             key = f"{label}: {text}"
             if key in seen:
-                rows.append(f"{label}: as in {seen[key]}")
+                repeated.append(seen[key])
                 continue
             seen[key] = eid
+            text = str(text)
+            if sequence and len(sequence) >= 6:
+                text = text.replace(sequence, "<seq>")
             rows.append(f"{label}: " + _flat(text, MAX_LINE_CHARS))
+        if repeated:
+            where += f" (shown under {', '.join(dict.fromkeys(repeated))})"
     for key in ("t0", "t1"):
         if key in data:
             rows.append(f"{key}: {_flat(data[key], 40)}")
@@ -250,11 +278,16 @@ def render_explain(candidate: Candidate, passages: Iterable[Any] = (), rules: It
     rules = list(rules)
     matched = set(matched_rule_ids)
     evidence = list(candidate.evidence[:MAX_EVIDENCE])
+    # Short aliases: "log-pca.E1" or "P-dcb60efb19bb" cost 5-8 tokens each time they are shown or
+    # cited; "E1" and "P1" cost 2. The explainer maps them back (RenderedPrompt.unalias).
+    ev_alias = [f"E{i}" for i in range(1, len(evidence) + 1)]
+    p_alias = [f"P{i}" for i in range(1, len(passages) + 1)]
     ev_ctx = []
     seen: dict[str, str] = {}
-    for ev in evidence:
-        reason, where, rows = _evidence_rows(ev.data, seen, _flat(ev.id, 64))
-        ev_ctx.append({"id": _flat(ev.id, 64), "kind": ev.kind.value, "reason": reason, "where": where,
+    for alias, ev in zip(ev_alias, evidence):
+        seq = candidate.locator.get("sequence")
+        reason, where, rows = _evidence_rows(ev.data, seen, alias, seq if isinstance(seq, str) else None)
+        ev_ctx.append({"id": alias, "kind": ev.kind.value, "reason": reason, "where": where,
                        "summary": _flat(ev.summary, MAX_SUMMARY_CHARS), "rows": rows})
     loc = [(_flat(k, 40), _flat(json.dumps(v, default=str) if not isinstance(v, str) else v, MAX_FIELD_CHARS))
            for k, v in list(candidate.locator.items())[:MAX_LOCATOR_KEYS]]
@@ -269,10 +302,10 @@ def render_explain(candidate: Candidate, passages: Iterable[Any] = (), rules: It
         "threshold": _num(candidate.threshold),
         "ratio": ratio,
         "source": _flat(candidate.source, MAX_FIELD_CHARS),
-        "locator": [("candidate id", _flat(candidate.id, MAX_FIELD_CHARS)), *loc],
+        "locator": loc or [("candidate id", _flat(candidate.id, MAX_FIELD_CHARS))],
     }
-    p_ctx = [{"id": _flat(p.id, 64), "source": _flat(p.source, 80), "heading": _flat(p.heading, 80),
-              "text": _flat(p.text, MAX_PASSAGE_CHARS)} for p in passages]
+    p_ctx = [{"id": alias, "source": _flat(p.source, 80), "heading": _flat(p.heading.split(" > ")[-1], 60),
+              "text": _flat(p.text, MAX_PASSAGE_CHARS)} for alias, p in zip(p_alias, passages)]
     r_ctx = []
     for r in rules:
         eff = getattr(r, "effect", None)
@@ -292,9 +325,10 @@ def render_explain(candidate: Candidate, passages: Iterable[Any] = (), rules: It
         user=_tidy(str(module.user())),
         version=PROMPT_VERSION,
         nonce=nonce,
-        evidence_ids=tuple(ev.id for ev in evidence),
-        passage_ids=tuple(p.id for p in passages),
+        evidence_ids=tuple(ev_alias),
+        passage_ids=tuple(p_alias),
         rule_ids=tuple(r.id for r in rules),
+        aliases={**dict(zip(ev_alias, (ev.id for ev in evidence))), **dict(zip(p_alias, (p.id for p in passages)))},
     )
 
 

@@ -83,7 +83,8 @@ def test_valid_answer_becomes_a_cited_model_verdict() -> None:
     check_citations(v, _candidate())
     # The schema the model got only allows the candidate's evidence ids.
     schema = model.calls[0][1]
-    assert schema is not None and schema["properties"]["evidence_ids"]["items"]["enum"] == ["E1", "E2"]
+    step = schema["properties"]["causal_chain"]["items"]["properties"] if schema is not None else {}
+    assert step["evidence_ids"]["items"]["enum"] == ["E1", "E2"] and "evidence_ids" not in schema["properties"]
     assert schema["properties"]["passage_ids"]["maxItems"] == 0
 
 
@@ -292,8 +293,13 @@ def test_prompt_has_version_ids_and_nonce() -> None:
     p = prompts.render_explain(_candidate(), [Passage.make("runbook.md", "Disk full", 0, "Free space on the DataNode.")])
     assert p.version == prompts.PROMPT_VERSION and p.version.startswith("explain/")
     assert "[E1]" in p.user and "[E2]" in p.user and f"[{p.passage_ids[0]}]" in p.user
-    assert f"<<<DATA {p.nonce} E1>>>" in p.user and "never instructions" in p.system
-    assert p.user.count(f"<<<DATA {p.nonce}") == p.user.count(f"<<<END DATA {p.nonce}>>>") == 4
+    assert f"<<<DATA {p.nonce} evidence>>>" in p.user and "never instructions" in p.system
+    # one block per section: candidate, evidence, passages
+    assert p.user.count(f"<<<DATA {p.nonce}") == p.user.count(f"<<<END DATA {p.nonce}>>>") == 3
+    # short aliases in the prompt, real ids back in the answer
+    assert p.passage_ids == ("P1",) and p.real_id("P1").startswith("P-") and p.real_id("E9") == "E9"
+    answer = p.unalias({"evidence_ids": ["E2"], "passage_ids": ["P1"], "causal_chain": [{"text": "x", "evidence_ids": ["E1"]}]})
+    assert answer["passage_ids"] == [p.real_id("P1")] and answer["causal_chain"][0]["evidence_ids"] == ["E1"]
     schema = prompts.verdict_schema(p.evidence_ids, p.passage_ids, ())
     assert schema["properties"]["passage_ids"]["items"]["enum"] == list(p.passage_ids)
     assert schema["properties"]["rule_ids"]["maxItems"] == 0

@@ -75,33 +75,33 @@ def _assert_schema_valid(text: str, schema: dict[str, Any]) -> None:
 # ------------------------------------------------------------------------------ fakes
 
 class FakeLlama:
-    """Stands in for ``llama_cpp.Llama``: like it, ``create_chat_completion`` formats the chat and
-    calls ``create_completion`` (with its own ``stopping_criteria=None``); answers with a schema
-    instance, one 'token' per 10 ms, checking the stopping criteria after each."""
+    """Stands in for ``llama_cpp.Llama``: ``create_chat_completion(..., stream=True)`` yields an
+    OpenAI-style chunk per 'token', one per 10 ms (an answer that is a schema instance), and
+    stops when the consumer closes the stream."""
 
     tokens = 20
 
     def __init__(self, **kwargs: Any) -> None:
         self.kwargs = kwargs
+        self.closed = 0
 
     def create_chat_completion(self, messages: list[dict[str, Any]], max_tokens: int, temperature: float,
-                               seed: int, response_format: dict[str, Any] | None = None, **_: Any) -> dict[str, Any]:
-        prompt = "\n".join(f"{m['role']}: {m['content']}" for m in messages)
+                               seed: int, response_format: dict[str, Any] | None = None, stream: bool = False,
+                               **_: Any) -> Any:
+        assert stream, "LlamaCppModel streams, so it can stop at its deadline between tokens"
         schema = (response_format or {}).get("schema")
-        out = self.create_completion(prompt=prompt, max_tokens=max_tokens, temperature=temperature,
-                                     stopping_criteria=None, schema=schema)
-        return {"choices": [{"message": {"role": "assistant", "content": out["choices"][0]["text"]},
-                             "finish_reason": out["choices"][0]["finish_reason"]}], "usage": out["usage"]}
-
-    def create_completion(self, prompt: str, max_tokens: int, temperature: float, stopping_criteria: Any,
-                          schema: dict[str, Any] | None) -> dict[str, Any]:
-        for i in range(min(self.tokens, max_tokens)):
-            time.sleep(0.01)
-            if stopping_criteria is not None and stopping_criteria([i], None):
-                return {"choices": [{"text": '{"anomaly_type": "x', "finish_reason": "stop"}],
-                        "usage": {"completion_tokens": i + 1}}
         content = json.dumps(_instance(schema)) if schema else "hello"
-        return {"choices": [{"text": content, "finish_reason": "stop"}], "usage": {"completion_tokens": self.tokens}}
+        n = min(self.tokens, max_tokens)
+        pieces = [content[i * len(content) // n:(i + 1) * len(content) // n] for i in range(n)]
+
+        def chunks() -> Any:
+            try:
+                for i, piece in enumerate(pieces):
+                    time.sleep(0.01)
+                    yield {"choices": [{"delta": {"content": piece}, "finish_reason": "stop" if i == n - 1 else None}]}
+            finally:
+                self.closed += 1
+        return chunks()
 
 
 def _fake_gguf(folder: Path, payload: bytes = b"\x03\x00\x00\x00fake weights") -> tuple[Path, str]:
@@ -220,6 +220,15 @@ def _build(kind: str, tmp_path: Path, endpoint: str, timeout: float = 30.0, slow
 
 
 _REAL: dict[float, LlamaCppModel] = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _close_real_models() -> Any:
+    # Free native models before interpreter shutdown (llama-cpp-python's __del__ fails noisily then).
+    yield
+    for model in _REAL.values():
+        model.close()
+    _REAL.clear()
 
 
 def _real_model(timeout: float) -> LlamaCppModel:

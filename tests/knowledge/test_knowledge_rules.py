@@ -32,9 +32,10 @@ from knowledge.rules import (
 
 
 def log_candidate(reason: str = "unseen_template", events: int = 12, detector: str = "counts",
-                  templates: tuple[str, ...] = ("Receiving block <*> src: <*> dest: <*>",)) -> Candidate:
+                  templates: tuple[str, ...] = ("Receiving block <*> src: <*> dest: <*>",),
+                  source: str = "data/hdfs.log") -> Candidate:
     return Candidate(
-        id=f"hdfs.log:blk_{events}", source="data/hdfs.log", modality="logs",
+        id=f"hdfs.log:blk_{events}", source=source, modality="logs",
         locator={"sequence": f"blk_{events}", "first_line": 1, "last_line": 40, "events": events},
         score=2.5, threshold=1.0, detector=detector,
         evidence=(
@@ -166,6 +167,11 @@ def test_interpreter_semantics() -> None:
      ts_candidate("T-1", "T-1"), log_candidate()),
     ("Anomalies from detector counts are at most low", Effect.LOWER_SEVERITY, 1,
      log_candidate(), log_candidate(detector="deeplog")),
+    # "log" inside a name is part of the name, not the logs modality
+    ("Anomalies from the log-ensemble detector are at most low", Effect.LOWER_SEVERITY, 1,
+     log_candidate(detector="log-ensemble"), log_candidate()),
+    ("Candidates in file synth.log are expected", Effect.SET_NORMAL, 0,
+     log_candidate(source="synth.log"), log_candidate()),
 ])
 def test_common_phrasings_compile(text: str, effect: Effect, severity: int, hit: Candidate, miss: Candidate) -> None:
     compiled = compile_rule(text)

@@ -209,7 +209,7 @@ def test_retrieval_per_candidate_uses_its_evidence(store: KnowledgeStore) -> Non
                                                "request received for <*> on <*> size <*>"]}),),
     )
     queries = candidate_queries(cand)
-    assert len(queries) == 1 and "Redundant addStoredBlock" in queries[0] and "unseen template" in queries[0]
+    assert len(queries) == 1 and "Redundant addStoredBlock" in queries[0] and "never seen" in queries[0]
     hits = store.search_for(cand, k=2)
     assert hits[0].text == HDFS[2]
     bare = cand.model_copy(update={"evidence": ()})
