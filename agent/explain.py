@@ -495,6 +495,21 @@ class Explainer:
         key = hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode("utf-8")).hexdigest()
         return key, material
 
+    def render(self, candidate: Candidate, passages: Sequence[Any], shown: Sequence[Rule],
+               matched_ids: Sequence[str]) -> tuple[prompts.RenderedPrompt, dict[str, Any], list[Message]]:
+        """The prompt, the answer schema and the chat messages for one candidate."""
+        prompt = prompts.render_explain(candidate, passages, shown, matched_ids)
+        schema = prompts.verdict_schema(prompt.evidence_ids, prompt.passage_ids, prompt.rule_ids)
+        messages = [Message(role="system", content=prompt.system), Message(role="user", content=prompt.user)]
+        return prompt, schema, messages
+
+    def build_prompt(self, candidate: Candidate) -> tuple[prompts.RenderedPrompt, dict[str, Any], list[Message]]:
+        """Exactly what :meth:`explain` would send the model for ``candidate`` (retrieval and
+        rules included), without calling it: for fine-tuning data and benchmarks."""
+        passages = self.retrieve(candidate)
+        shown, matched_ids = self.shown_rules(candidate)
+        return self.render(candidate, passages, shown, matched_ids)
+
     # ------------------------------------------------------------------ main
     def explain(self, candidate: Candidate) -> Verdict:
         """A validated verdict for ``candidate`` (model-explained, or rules-only on failure)."""
@@ -519,9 +534,7 @@ class Explainer:
                 return verdict
 
         t1 = time.perf_counter()
-        prompt = prompts.render_explain(candidate, passages, shown, matched_ids)
-        schema = prompts.verdict_schema(prompt.evidence_ids, prompt.passage_ids, prompt.rule_ids)
-        messages = [Message(role="system", content=prompt.system), Message(role="user", content=prompt.user)]
+        prompt, schema, messages = self.render(candidate, passages, shown, matched_ids)
         self.stats.prompt_s += time.perf_counter() - t1
         last_error = ""
         for attempt in range(2):
