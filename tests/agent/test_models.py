@@ -409,3 +409,22 @@ def test_real_smollm2_constrained_verdict_and_speed() -> None:
           f"explained_by={v.explained_by.value}, stats={ex.stats.as_dict()}")
     assert v.explained_by is ExplainedBy.MODEL, ex.stats.as_dict()
     assert set(v.evidence_ids) <= {"E1"}
+
+
+def test_lazy_grammar_decoding_gives_the_eager_tokens() -> None:
+    # agent/grammar_decode.py asks the grammar about the model's best token first; at temperature
+    # 0 that must pick exactly what llama-cpp-python's eager grammar sampler picks (fresh models,
+    # so both evaluate the prompt the same way), and the model must have been steered at least once.
+    _real_smollm2()
+    replies, usage = [], {}
+    for lazy in (False, True):
+        m = LlamaCppModel("smollm2-135m", threads=1, n_ctx=2048)
+        m.lazy_grammar = lazy
+        try:
+            replies.append(m.generate(MESSAGES, schema=SCHEMA, max_tokens=360).content)
+            usage = m.last_usage
+        finally:
+            m.close()
+    assert replies[0] == replies[1]
+    _assert_schema_valid(replies[1], SCHEMA)
+    assert usage["grammar_rejections"] > 0 and usage["completion_tokens"] > 10

@@ -1,0 +1,141 @@
+"""Greedy JSON-schema-constrained decoding for llama.cpp that checks the grammar lazily.
+
+Why not ``create_chat_completion(response_format=...)``: llama-cpp-python puts the grammar
+sampler in front of greedy selection, so every token runs the grammar over the whole
+vocabulary (49,152 tokens for SmolLM2). Measured here that halved generation speed
+(~30 vs ~60 tokens/s on 2 cores). llama.cpp's own ``common_sampler`` avoids that: it takes the
+model's best token first and asks the grammar about that one token; only when the grammar
+rejects it does it filter the whole vocabulary. This module does the same through the
+low-level API, so a model that already writes valid JSON (a tuned one) pays almost nothing
+for the guarantee, and an untuned one pays the full price only on the tokens it gets wrong.
+
+The result is the same token sequence the eager sampler produces at temperature 0: the
+highest-logit token the grammar accepts. (Both break exact ties by lowest token id.)
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+__all__ = ["ConstrainedResult", "generate_constrained"]
+
+
+@dataclass(frozen=True)
+class ConstrainedResult:
+    """What one constrained generation produced and what it cost."""
+
+    text: str
+    tokens: int
+    prompt_tokens: int
+    cached_prompt_tokens: int
+    finish_reason: str  # "stop" (grammar complete), "length", or "deadline"
+    first_token_s: float
+    total_s: float
+    grammar_rejections: int
+
+
+def _chat_prompt(llm: Any, messages: Sequence[dict[str, str]]) -> list[int]:
+    """Tokens of the chat, formatted with the model's own chat template (as llama-cpp-python does)."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    template = llm.metadata.get("tokenizer.chat_template")
+    if not template:
+        raise ValueError("the GGUF carries no chat template (tokenizer.chat_template)")
+    eos = llm.detokenize([llm.token_eos()], special=True).decode("utf-8", "replace")
+    bos_id = llm.token_bos()
+    bos = llm.detokenize([bos_id], special=True).decode("utf-8", "replace") if bos_id >= 0 else ""
+    result = Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos)(messages=list(messages))
+    return llm.tokenize(result.prompt.encode("utf-8"), add_bos=not result.added_special, special=True)
+
+
+def _reuse_prefix(llm: Any, tokens: Sequence[int]) -> int:
+    """Keep the KV cache of the longest common prefix (the constant system prompt, at least)."""
+    n = 0
+    cached = llm.input_ids[: llm.n_tokens]
+    for a, b in zip(cached, tokens):
+        if int(a) != int(b):
+            break
+        n += 1
+    n = min(n, len(tokens) - 1)  # the last prompt token is evaluated again for its logits
+    llm.n_tokens = n
+    return n
+
+
+def generate_constrained(llm: Any, messages: Sequence[dict[str, str]], schema: dict[str, Any], *,
+                         max_tokens: int, deadline: float | None = None) -> ConstrainedResult:
+    """Greedy decoding of ``messages`` under ``schema`` (see the module doc).
+
+    Args:
+        llm: A loaded ``llama_cpp.Llama``.
+        messages: OpenAI-style ``{"role", "content"}`` dicts.
+        schema: The JSON schema the answer must match (turned into a GBNF grammar).
+        max_tokens: Generation limit.
+        deadline: ``time.monotonic()`` value after which generation stops between tokens.
+    """
+    import llama_cpp
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+    start = time.monotonic()
+    grammar_text = json_schema_to_gbnf(json.dumps(schema))
+    vocab = llm._model.vocab
+    sampler = llama_cpp.llama_sampler_init_grammar(vocab, grammar_text.encode("utf-8"), b"root")
+    if not sampler:
+        raise ValueError("llama.cpp could not parse the grammar built from the schema")
+    n_vocab = llm.n_vocab()
+    one = (llama_cpp.llama_token_data * 1)()
+    one_arr = llama_cpp.llama_token_data_array(data=one, size=1, selected=-1, sorted=False)
+    full = (llama_cpp.llama_token_data * n_vocab)()
+    full_np = np.ctypeslib.as_array(full)  # structured view: fields id, logit, p
+    ids = np.arange(n_vocab, dtype=np.int32)
+    try:
+        prompt = _chat_prompt(llm, messages)
+        cached = _reuse_prefix(llm, prompt)
+        llm.eval(prompt[cached:])
+        first_s: float | None = None
+        out: list[int] = []
+        rejections = 0
+        finish = "length"
+        while len(out) < max_tokens:
+            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1), shape=(n_vocab,))
+            tok = int(np.argmax(logits))
+            one[0].id, one[0].logit, one[0].p = tok, float(logits[tok]), 0.0
+            one_arr.data, one_arr.size, one_arr.selected, one_arr.sorted = one, 1, -1, False
+            llama_cpp.llama_sampler_apply(sampler, ctypes.byref(one_arr))
+            if not np.isfinite(one[0].logit):  # the grammar rejects the model's choice: filter all
+                rejections += 1
+                full_np["id"] = ids
+                full_np["logit"] = logits
+                full_np["p"] = 0.0
+                arr = llama_cpp.llama_token_data_array(data=full, size=n_vocab, selected=-1, sorted=False)
+                llama_cpp.llama_sampler_apply(sampler, ctypes.byref(arr))
+                # The sampler may have compacted the array; read what it left.
+                view = np.ctypeslib.as_array(arr.data, shape=(arr.size,))
+                best = int(np.argmax(view["logit"]))
+                if not np.isfinite(view["logit"][best]):
+                    finish = "stop"  # nothing is allowed: the grammar is complete
+                    break
+                tok = int(view["id"][best])
+            if first_s is None:
+                first_s = time.monotonic() - start
+            if llama_cpp.llama_vocab_is_eog(vocab, tok):
+                finish = "stop"
+                break
+            llama_cpp.llama_sampler_accept(sampler, tok)
+            out.append(tok)
+            if deadline is not None and time.monotonic() >= deadline:
+                finish = "deadline"
+                break
+            llm.eval([tok])
+        text = llm.detokenize(out).decode("utf-8", "ignore")
+        return ConstrainedResult(text=text, tokens=len(out), prompt_tokens=len(prompt), cached_prompt_tokens=cached,
+                                 finish_reason=finish, first_token_s=round(first_s or 0.0, 4),
+                                 total_s=round(time.monotonic() - start, 4), grammar_rejections=rejections)
+    finally:
+        llama_cpp.llama_sampler_free(sampler)
