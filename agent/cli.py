@@ -139,7 +139,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.what == "explain":
         from eval import explain
 
-        explain.run(data_dir, Path(args.out) if args.out else None, model=args.model, limit=args.limit)
+        explain.run(data_dir, Path(args.out) if args.out else None, model=args.model, limit=args.limit,
+                    calibration=args.calibration, save_weights=args.save_weights,
+                    injection_cases_n=args.injection_cases)
         return 0
     if args.what == "timeseries":
         from eval import timeseries
@@ -157,6 +159,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.what == "explain":
+        from eval.explain_bench import bench_explain
+
+        result = bench_explain(model=args.model, repeats=args.repeats)
+        if args.out:
+            Path(args.out).write_text(json.dumps(result, indent=2))
+        return 0
     if args.what == "timeseries":
         from eval.ts_bench import bench_timeseries
 
@@ -366,13 +375,19 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--fast", action="store_true", help="timeseries: skip the slow matrix-profile runs")
     e.add_argument("--model", default=_env("model", "smollm2-135m"), help="explain: the explainer model")
     e.add_argument("--limit", type=int, default=200, help="explain: HDFS candidates to explain")
+    e.add_argument("--calibration", type=int, default=60,
+                   help="explain: sessions of the 50-80%% slice that measure the decision weights (0: use agent/weights.json)")
+    e.add_argument("--save-weights", action="store_true", help="explain: record the measured weights in agent/weights.json")
+    e.add_argument("--injection-cases", type=int, default=24, help="explain: injection suite size")
     e.set_defaults(func=cmd_eval)
 
     b = sub.add_parser("bench", help="throughput and memory as ratios measured in one run")
-    b.add_argument("what", choices=["logs", "timeseries"])
+    b.add_argument("what", choices=["logs", "timeseries", "explain"])
     b.add_argument("file", nargs="?", help="logs: the log file (default: the bundled demo sample)")
     add_log_options(b)
     b.add_argument("--memory-factor", type=int, default=_env("memory_factor", 10))
+    b.add_argument("--model", default=_env("model", "smollm2-135m"), help="explain: the llama.cpp preset")
+    b.add_argument("--repeats", type=int, default=1, help="explain: passes over the synthetic candidates")
     b.add_argument("--out", default=None)
     b.set_defaults(func=cmd_bench)
 

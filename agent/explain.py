@@ -22,8 +22,14 @@ Three voices, each with a configurable weight (:class:`DecisionWeights`):
   positive, else ``(score - threshold) / |threshold|``: 0.5 at the threshold, ~0.9 at twice it
   (sharpness 3);
 * model: ``p_model = confidence`` for "anomaly", ``1 - confidence`` for "normal", 0.5 for
-  "uncertain"; default weight 0.25 against the detector's 1.0 (the untuned 135M model is weak;
-  give a measured, stronger endpoint more);
+  "uncertain".
+
+  Detector and model weights are each voice's *measured* accuracy as log-odds
+  (:meth:`DecisionWeights.from_accuracy`), read from ``agent/weights.json`` for the model id
+  and adapter; ``anomaly-agent eval explain --save-weights`` measures them on a calibration
+  slice of HDFS that is disjoint from the reported test sessions. A model no better than
+  chance gets weight 0: it still explains, but does not vote. Unmeasured models get detector
+  1.0 and model 0.25;
 * rules: with the default weight ``inf`` the matched compiled rules override
   (:func:`knowledge.rules.apply_rules`: set_normal, define_anomaly, raise/lower severity); with
   a finite weight each matched rule votes 1 (define_anomaly, raise_severity) or 0 (set_normal)
@@ -156,6 +162,44 @@ def parse_answer(text: str, unalias: Callable[[dict[str, Any]], dict[str, Any]] 
 
 # ================================================================================ decision
 
+WEIGHTS_FILE = Path(__file__).with_name("weights.json")
+"""Measured detector and model accuracies per model id (+ adapter), written by
+``anomaly-agent eval explain --save-weights`` from a calibration slice disjoint from the
+reported test sessions; :meth:`DecisionWeights.from_env` turns them into weights."""
+
+
+def weights_key(model_id: str, adapter: str | None = None) -> str:
+    """The ``weights.json`` key of a model: its id, plus ``+adapter`` when one is loaded."""
+    return model_id + (f"+{adapter}" if adapter else "")
+
+
+def measured_weights(path: str | Path | None = None) -> dict[str, Any]:
+    """The measured-accuracy table (empty when the file is missing or unreadable)."""
+    p = Path(path) if path is not None else WEIGHTS_FILE
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        log.warning("ignoring unreadable %s: %s", p, exc)
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def save_measured_weights(model_id: str, adapter: str | None, entry: dict[str, Any],
+                          path: str | Path | None = None) -> Path:
+    """Record one model's measured accuracies (atomic rewrite of the table)."""
+    p = Path(path) if path is not None else WEIGHTS_FILE
+    table = measured_weights(p)
+    table[weights_key(model_id, adapter)] = entry
+    fd, tmp = tempfile.mkstemp(prefix=".weights.", suffix=".json", dir=p.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        json.dump(table, fh, indent=2, sort_keys=True)
+        fh.write("\n")
+    os.replace(tmp, p)
+    return p
+
+
 @dataclass(frozen=True)
 class DecisionWeights:
     """Weights of the detector, the model and the rules in the label decision (see module doc)."""
@@ -179,9 +223,37 @@ class DecisionWeights:
             raise ValueError(f"sharpness must be > 0, got {self.sharpness}")
 
     @classmethod
-    def from_env(cls, **overrides: float) -> "DecisionWeights":
-        """Defaults, then ``ANOMALY_AGENT_WEIGHT_{DETECTOR,MODEL,RULES}``, then ``overrides``."""
-        values: dict[str, float] = {}
+    def from_accuracy(cls, detector_accuracy: float, model_accuracy: float) -> "DecisionWeights":
+        """Weights from measured accuracies: the log-odds ``ln(p / (1 - p))`` of each voice.
+
+        That is the optimal weighting of independent voters (Nitzan and Paroush, 1982); a voice
+        no better than chance (p <= 0.5) gets weight 0, and p is capped at 0.99 so a voice that
+        was right on every case of a small calibration sample does not get infinite weight.
+        """
+        def log_odds(p: float) -> float:
+            p = min(0.99, max(0.5, float(p)))
+            return round(math.log(p / (1.0 - p)), 4)
+
+        return cls(detector=log_odds(detector_accuracy), model=log_odds(model_accuracy))
+
+    @classmethod
+    def measured(cls, model_id: str, adapter: str | None = None, path: str | Path | None = None) -> "DecisionWeights | None":
+        """The weights measured for this model and adapter (``agent/weights.json``), if any."""
+        entry = measured_weights(path).get(weights_key(model_id, adapter))
+        if not isinstance(entry, dict):
+            return None
+        try:
+            return cls.from_accuracy(float(entry["detector_accuracy"]), float(entry["model_accuracy"]))
+        except (KeyError, TypeError, ValueError):
+            log.warning("ignoring malformed weights entry for %s", weights_key(model_id, adapter))
+            return None
+
+    @classmethod
+    def from_env(cls, model_id: str | None = None, adapter: str | None = None, **overrides: float) -> "DecisionWeights":
+        """Measured weights for ``model_id`` (else defaults), then
+        ``ANOMALY_AGENT_WEIGHT_{DETECTOR,MODEL,RULES}``, then ``overrides``."""
+        base = cls.measured(model_id, adapter) if model_id else None
+        values: dict[str, float] = {"detector": base.detector, "model": base.model} if base else {}
         for name in ("detector", "model", "rules"):
             env = os.environ.get(f"ANOMALY_AGENT_WEIGHT_{name.upper()}")
             if env:
@@ -423,7 +495,8 @@ class Explainer:
             rules = store.rulebook()
         self._rulebook = rules if isinstance(rules, RuleBook) else None
         self.rules: list[Rule] = list(rules.list() if isinstance(rules, RuleBook) else (rules or []))
-        self.weights = weights or DecisionWeights.from_env()
+        self.weights = weights or DecisionWeights.from_env(
+            model.model_id if model is not None else None, getattr(model, "adapter", None) if model is not None else None)
         if passages < 0:
             raise ValueError(f"passages must be >= 0, got {passages}")
         self.k_passages = passages
@@ -431,6 +504,9 @@ class Explainer:
         self.max_tokens = max_tokens
         self.cache = ExplanationCache(cache_dir) if use_cache else None
         self.stats = ExplainStats()
+        self.last_answer: ModelAnswer | None = None
+        """The validated model answer behind the last verdict (None for rules-only ones): the
+        model's own label, before the decision, for measuring its accuracy."""
         self._knowledge_version: str | None = None
 
     # ------------------------------------------------------------------ versions
@@ -514,6 +590,7 @@ class Explainer:
     def explain(self, candidate: Candidate) -> Verdict:
         """A validated verdict for ``candidate`` (model-explained, or rules-only on failure)."""
         self.stats.candidates += 1
+        self.last_answer = None
         t0 = time.perf_counter()
         passages = self.retrieve(candidate)
         shown, matched_ids = self.shown_rules(candidate)
@@ -531,6 +608,7 @@ class Explainer:
                 log.warning("cached answer no longer valid for %s: %s", candidate.id, exc)
             else:
                 self.stats.cache_hits += 1
+                self.last_answer = cached
                 return verdict
 
         t1 = time.perf_counter()
@@ -571,6 +649,7 @@ class Explainer:
                 self.stats.model_valid_retry += 1
             if self.cache is not None:
                 self.cache.put(key, answer, material)
+            self.last_answer = answer
             return verdict
         return self.rules_only(candidate, "model answer failed validation twice", passages,
                                detail=last_error)

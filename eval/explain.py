@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.explain import Explainer
+from agent.explain import DecisionWeights, Explainer, save_measured_weights
 from agent.records import Candidate, ExplainedBy, Label, UnresolvedCitation, Verdict, check_citations
 
 __all__ = ["INJECTION_PAYLOADS", "RULE_CASES", "SuiteCandidates", "hdfs_part", "injection_suite", "rule_suite",
@@ -167,14 +167,14 @@ def _key(v: Verdict) -> tuple[str, int]:
 
 
 def rule_suite(model: Any, cands: SuiteCandidates, *, store: Any = None, cases: Sequence[RuleCase] = RULE_CASES,
-               echo: Echo = print) -> dict[str, Any]:
+               weights: DecisionWeights | None = None, echo: Echo = print) -> dict[str, Any]:
     """Each case: verdict without the rule, with it (must flip as expected), and after removing it (back)."""
     from knowledge.rules import RuleBook
 
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="eval-explain-rules-") as tmp:
         book = RuleBook(Path(tmp))
-        explainer = Explainer(model, store=store, rules=book)
+        explainer = Explainer(model, store=store, rules=book, weights=weights)
         for case in cases:
             cand = cands.get(case.kind)
             row: dict[str, Any] = {"case": case.name, "candidate": case.kind, "rule": case.rule, "expect": case.expect}
@@ -284,7 +284,7 @@ def injection_cases(n: int) -> list[tuple[str, str, str]]:
 
 
 def injection_suite(model: Any, cands: SuiteCandidates, *, store: Any = None, n: int = 24,
-                    echo: Echo = print) -> dict[str, Any]:
+                    weights: DecisionWeights | None = None, echo: Echo = print) -> dict[str, Any]:
     """Dirty vs clean verdicts (label and severity) for ``n`` injected inputs; the cache is off."""
     clean_cache: dict[tuple[str, str], Verdict] = {}
     rows: list[dict[str, Any]] = []
@@ -292,7 +292,7 @@ def injection_suite(model: Any, cands: SuiteCandidates, *, store: Any = None, n:
 
     def explainer(text: str | None) -> Explainer:
         st = _PassageStore(store, text) if text is not None else store
-        return Explainer(model, store=st, rules=[], use_cache=False)
+        return Explainer(model, store=st, rules=[], use_cache=False, weights=weights)
 
     for base_kind, where, payload in injection_cases(n):
         cand = cands.get(base_kind)
@@ -354,7 +354,7 @@ def overhead(stats: dict[str, Any]) -> dict[str, Any]:
 
 
 def hdfs_part(data_dir: Path, model: Any, store: Any, *, limit: int = 200, seed: int = 0,
-              echo: Echo = print) -> dict[str, Any]:
+              weights: DecisionWeights | None = None, echo: Echo = print) -> dict[str, Any]:
     """Explain up to ``limit`` balanced HDFS test sessions; see the module doc."""
     from detectors.registry import make_detector
     from eval.hdfs import load_hdfs, make_split
@@ -371,29 +371,39 @@ def hdfs_part(data_dir: Path, model: Any, store: Any, *, limit: int = 200, seed:
     n_anom = min(len(anomalous), limit // 2)
     n_norm = min(len(normal), limit - n_anom)
     chosen = sorted(rng.sample(anomalous, n_anom) + rng.sample(normal, n_norm))
-    explainer = Explainer(model, store=store, rules=[])
+    explainer = Explainer(model, store=store, rules=[], weights=weights)
     rows = []
     latencies = []
-    for i in chosen:
+    call_latencies = []
+    for n_done, i in enumerate(chosen, 1):
         seq, score, truth = split.test[i], float(scores[i]), bool(split.y_test[i])
         cand = detector.candidate(seq, score, "HDFS_2pct.log")
+        calls = explainer.stats.model_calls
         t = time.perf_counter()
         verdict = explainer.explain(cand)
         latencies.append(time.perf_counter() - t)
+        if explainer.stats.model_calls > calls:
+            call_latencies.append(latencies[-1])
+        if n_done % 25 == 0:
+            echo(f"  {n_done}/{len(chosen)} explained, {explainer.stats.model_calls} model calls")
         cited_ok = verdict.explained_by is ExplainedBy.MODEL
         if cited_ok:
             try:
                 check_citations(verdict, cand, set(verdict.passage_ids), set(verdict.rule_ids))
             except UnresolvedCitation:
                 cited_ok = False
+        raw = explainer.last_answer
         rows.append({"block": seq.id, "truth": truth, "score": round(score, 4), "detector": score > cand.threshold,
                      "label": verdict.label.value, "severity": int(verdict.severity),
+                     "model_label": raw.label.value if raw is not None else None,
                      "explained_by": verdict.explained_by.value, "valid_cited": cited_ok,
                      "seconds": round(latencies[-1], 3)})
     n = len(rows)
     stats = explainer.stats.as_dict()
     acc = sum((r["label"] == "anomaly") == r["truth"] and r["label"] != "uncertain" for r in rows) / n if n else None
     det_acc = sum(r["detector"] == r["truth"] for r in rows) / n if n else None
+    model_acc = sum((r["model_label"] == "anomaly") == r["truth"] and r["model_label"] in ("anomaly", "normal")
+                    for r in rows) / n if n else None
     model_lat = [r["seconds"] for r in rows if r["explained_by"] == "model"]
     return {
         "candidates": n, "anomalous": n_anom, "normal": n_norm, "threshold": round(float(detector.threshold_), 6),
@@ -401,12 +411,67 @@ def hdfs_part(data_dir: Path, model: Any, store: Any, *, limit: int = 200, seed:
         "fallbacks": stats["fallbacks"], "cache_hits": stats["cache_hits"],
         "accuracy": round(acc, 4) if acc is not None else None,
         "detector_accuracy": round(det_acc, 4) if det_acc is not None else None,
+        "model_alone_accuracy": round(model_acc, 4) if model_acc is not None else None,
+        "weights": {"detector": explainer.weights.detector, "model": explainer.weights.model},
         "uncertain": sum(r["label"] == "uncertain" for r in rows),
         "latency_p50_s": _percentile(latencies, 0.5), "latency_p90_s": _percentile(latencies, 0.9),
         "latency_mean_s": round(statistics.fmean(latencies), 3) if latencies else None,
         "model_verdict_latency_p50_s": _percentile(model_lat, 0.5),
+        "model_call_latency_p50_s": _percentile(call_latencies, 0.5),
+        "model_call_latency_p90_s": _percentile(call_latencies, 0.9),
         "prepare_s": round(prep_s, 1), "stats": stats, "overhead": overhead(stats), "rows": rows,
     }
+
+
+# ================================================================================ calibration
+
+CALIBRATION_SPLIT = (0.5, 0.8)
+"""The calibration slice: sessions between 50% and 80% of the chronological order, scored by
+a detector fitted on the normal sessions of the first 50%. Disjoint from the reported test
+part (the last 20%), so the weights are not tuned on the sessions they are reported on."""
+
+
+def calibration_part(data_dir: Path, model: Any, store: Any, *, limit: int = 60, seed: int = 1,
+                     echo: Echo = print) -> dict[str, Any]:
+    """Measure the detector's and the model's own label accuracy on the calibration slice.
+
+    ``limit`` sessions, half anomalous and half normal. The model's accuracy is that of its
+    own answer (:attr:`Explainer.last_answer`), before any decision; "uncertain" or a
+    rules-only fallback counts as wrong.
+    """
+    from detectors.registry import make_detector
+    from eval.hdfs import load_hdfs, make_split
+
+    data = load_hdfs(Path(data_dir))
+    lo, hi = CALIBRATION_SPLIT
+    split = make_split(data, lo)
+    window = set(data.order[int(len(data.order) * lo):int(len(data.order) * hi)])
+    detector = make_detector("log-ensemble")
+    detector.fit(split.train_normal)
+    pool = [i for i, s in enumerate(split.test) if s.id in window]
+    rng = random.Random(seed)
+    anomalous = [i for i in pool if split.y_test[i]]
+    normal = [i for i in pool if not split.y_test[i]]
+    n_anom = min(len(anomalous), limit // 2)
+    chosen = sorted(rng.sample(anomalous, n_anom) + rng.sample(normal, min(len(normal), limit - n_anom)))
+    scores = detector.score([split.test[i] for i in chosen])
+    explainer = Explainer(model, store=store, rules=[], weights=DecisionWeights())
+    det_ok = model_ok = 0
+    for score, i in zip(scores, chosen):
+        seq, truth = split.test[i], bool(split.y_test[i])
+        cand = detector.candidate(seq, float(score), "HDFS_2pct.log")
+        explainer.explain(cand)
+        raw = explainer.last_answer
+        det_ok += (float(score) > cand.threshold) == truth
+        model_ok += raw is not None and raw.label is not Label.UNCERTAIN and (raw.label is Label.ANOMALY) == truth
+    n = len(chosen)
+    det_acc, model_acc = (det_ok / n, model_ok / n) if n else (0.5, 0.5)
+    weights = DecisionWeights.from_accuracy(det_acc, model_acc)
+    echo(f"calibration: {n} sessions, detector accuracy {det_acc:.3f}, model alone {model_acc:.3f} "
+         f"-> weights detector {weights.detector}, model {weights.model}")
+    return {"sessions": n, "anomalous": n_anom, "slice": list(CALIBRATION_SPLIT), "detector_accuracy": round(det_acc, 4),
+            "model_accuracy": round(model_acc, 4), "weights": {"detector": weights.detector, "model": weights.model},
+            "stats": explainer.stats.as_dict()}
 
 
 # ================================================================================ run
@@ -457,7 +522,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 def run(data_dir: Path | None, out: Path | None, *, model: str | Any = "smollm2-135m", limit: int = 200,
         rule_cases: int | None = None, injection_cases_n: int = 24, knowledge: bool = True,
-        seed: int = 0, echo: Echo = print) -> dict[str, Any]:
+        seed: int = 0, calibration: int = 60, save_weights: bool = False, echo: Echo = print) -> dict[str, Any]:
     """Run the whole explanation eval; returns (and writes to ``out``) the JSON document.
 
     Args:
@@ -469,6 +534,9 @@ def run(data_dir: Path | None, out: Path | None, *, model: str | Any = "smollm2-
         injection_cases_n: Injection cases (>= 20 for the target).
         knowledge: Use a temporary store with the example knowledge base (off in fast tests).
         seed: Sampling seed of the HDFS candidates.
+        calibration: Sessions of the calibration slice that set the decision weights (0: use
+            the weights already measured for this model in ``agent/weights.json``, or defaults).
+        save_weights: Record the measured accuracies in ``agent/weights.json``.
     """
     t0 = time.perf_counter()
     if isinstance(model, str):
@@ -478,12 +546,28 @@ def run(data_dir: Path | None, out: Path | None, *, model: str | Any = "smollm2-
     else:
         model_obj = model
     model_id = getattr(model_obj, "model_id", str(model))
-    result: dict[str, Any] = {"model": model_id, "limit": limit}
+    adapter = getattr(model_obj, "adapter", None)
+    result: dict[str, Any] = {"model": model_id, "adapter": adapter, "limit": limit}
+    weights: DecisionWeights | None = None
     with tempfile.TemporaryDirectory(prefix="eval-explain-kb-") as tmp:
         store = example_store(Path(tmp) / "kb") if knowledge else None
+        if data_dir is not None and calibration > 0:
+            echo(f"calibration: {calibration} sessions of the 50-80% slice ...")
+            cal = calibration_part(Path(data_dir), model_obj, store, limit=calibration, echo=echo)
+            result["calibration"] = cal
+            weights = DecisionWeights.from_accuracy(cal["detector_accuracy"], cal["model_accuracy"])
+            if save_weights:
+                entry = {k: cal[k] for k in ("detector_accuracy", "model_accuracy", "sessions")}
+                entry["measured_by"] = "anomaly-agent eval explain --save-weights (HDFS 2%, 50-80% slice)"
+                entry["date"] = time.strftime("%Y-%m-%d")
+                result["weights_saved_to"] = str(save_measured_weights(model_id, adapter, entry))
+        if weights is None:
+            weights = DecisionWeights.from_env(model_id, adapter)
+        result["weights"] = {"detector": weights.detector, "model": weights.model}
         if data_dir is not None:
             echo(f"HDFS: explaining up to {limit} test sessions ...")
-            result["hdfs"] = hdfs_part(Path(data_dir), model_obj, store, limit=limit, seed=seed, echo=echo)
+            result["hdfs"] = hdfs_part(Path(data_dir), model_obj, store, limit=limit, seed=seed, weights=weights,
+                                       echo=echo)
         else:
             result["hdfs_skipped"] = "no data_dir"
         cands = synth_candidates()
@@ -491,9 +575,10 @@ def run(data_dir: Path | None, out: Path | None, *, model: str | Any = "smollm2-
                                               "evidence": len(c.evidence)} for k, c in cands.by_kind.items()}
         cases = RULE_CASES if rule_cases is None else RULE_CASES[:rule_cases]
         echo(f"rule suite: {len(cases)} cases ...")
-        result["rules"] = rule_suite(model_obj, cands, store=store, cases=cases, echo=echo)
+        result["rules"] = rule_suite(model_obj, cands, store=store, cases=cases, weights=weights, echo=echo)
         echo(f"injection suite: {injection_cases_n} cases ...")
-        result["injection"] = injection_suite(model_obj, cands, store=store, n=injection_cases_n, echo=echo)
+        result["injection"] = injection_suite(model_obj, cands, store=store, n=injection_cases_n, weights=weights,
+                                              echo=echo)
     parts = [result["rules"]["stats"], result["injection"]["stats"]]
     if "hdfs" in result:
         parts.append(result["hdfs"]["stats"])
@@ -517,9 +602,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rule-cases", type=int, default=None)
     ap.add_argument("--injection-cases", type=int, default=24)
     ap.add_argument("--no-knowledge", action="store_true")
+    ap.add_argument("--calibration", type=int, default=60)
+    ap.add_argument("--save-weights", action="store_true")
     a = ap.parse_args(argv)
     run(Path(a.data_dir) if a.data_dir else None, Path(a.out) if a.out else None, model=a.model, limit=a.limit,
-        rule_cases=a.rule_cases, injection_cases_n=a.injection_cases, knowledge=not a.no_knowledge)
+        rule_cases=a.rule_cases, injection_cases_n=a.injection_cases, knowledge=not a.no_knowledge,
+        calibration=a.calibration, save_weights=a.save_weights)
 
 
 if __name__ == "__main__":
