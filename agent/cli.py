@@ -217,7 +217,49 @@ def cmd_demo(args: argparse.Namespace) -> int:
         for cand in result.candidates:
             fh.write(cand.to_json() + "\n")
     print(f"wrote {len(result.candidates)} candidates to {out}")
+    if args.explain > 0:
+        _demo_verdicts(_diverse(result.candidates, args.explain), args, out.parent)
     return 0
+
+
+def _demo_verdicts(candidates: Sequence[Any], args: argparse.Namespace, out_dir: Path) -> None:
+    """The demo's last step: cited verdicts for the shown candidates, with the example knowledge."""
+    from agent.explain import Explainer
+    from agent.models import ModelNotInstalled, make_model
+    from knowledge.ingest import ingest_paths
+    from knowledge.store import KnowledgeStore
+
+    store = KnowledgeStore(out_dir / "demo-knowledge")
+    ingest_paths(store, [REPO_ROOT / "knowledge" / "examples"])  # idempotent: unchanged passages are kept
+    model: Any = None
+    if args.model != "none":
+        model = make_model(args.model)
+        try:
+            model.load()
+        except ModelNotInstalled as exc:
+            print(f"\n(no explainer model: {exc}; showing rules-only verdicts)")
+            model = None
+    explainer = Explainer(model, store=store, rules=[], cache_dir=out_dir / "demo-explain-cache")
+    print(f"\nverdicts ({explainer.provenance().model_id}, example knowledge base):")
+    verdicts_path = out_dir / "demo_verdicts.jsonl"
+    with verdicts_path.open("w", encoding="utf-8") as fh:
+        for cand in candidates:
+            verdict = explainer.explain(cand)
+            fh.write(verdict.to_json() + "\n")
+            _print_verdict(cand.id, verdict)
+    stats = explainer.stats.as_dict()
+    print(f"{stats['candidates']} verdicts, {stats['model_calls']} model calls, {stats['cache_hits']} from the "
+          f"explanation cache, {stats['fallbacks']} rules-only; wrote {verdicts_path}")
+
+
+def _print_verdict(cand_id: str, verdict: Any) -> None:
+    print(f"{cand_id}: {verdict.label.value}, severity {int(verdict.severity)}, {verdict.anomaly_type} "
+          f"[{verdict.explained_by.value}] {verdict.summary[:160]}")
+    for step in verdict.causal_chain[:2]:
+        print(f"    - {step.text[:120]} [{', '.join(step.evidence_ids)}]")
+    cited = ", ".join([*verdict.passage_ids, *verdict.rule_ids])
+    if cited:
+        print(f"    knowledge and rules: {cited}")
 
 
 # -- explain -------------------------------------------------------------------------------
@@ -229,18 +271,24 @@ def _read_candidates(path: Path) -> list[Any]:
     if not path.exists():
         raise UserError(f"{path}: no such file (write one with `anomaly-agent detect ... --out {path.name}`)")
     out = []
-    with path.open(encoding="utf-8") as fh:
+    problems = 0
+    with path.open(encoding="utf-8", errors="replace") as fh:
         for line_no, line in enumerate(fh, 1):
             if not line.strip():
                 continue
             try:
                 out.append(Candidate.model_validate_json(line))
             except ValidationError as exc:
-                first = exc.errors()[0]
-                where = ".".join(str(x) for x in first.get("loc", ())) or "line"
-                raise UserError(f"{path}: line {line_no}: field {where!r}: {first.get('msg')}") from None
+                # Keep every valid candidate; name each bad line (the first few) and go on.
+                problems += 1
+                if problems <= 5:
+                    first = exc.errors()[0]
+                    where = ".".join(str(x) for x in first.get("loc", ())) or "line"
+                    print(f"{path}: line {line_no}: field {where!r}: {first.get('msg')} (line skipped)", file=sys.stderr)
+    if problems > 5:
+        print(f"{path}: {problems} bad lines in all were skipped", file=sys.stderr)
     if not out:
-        raise UserError(f"{path}: no candidates in the file")
+        raise UserError(f"{path}: no valid candidates in the file ({problems} bad lines)")
     return out
 
 
@@ -268,11 +316,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         for cand in candidates:
             verdict = explainer.explain(cand)
             fh.write(verdict.to_json() + "\n")
-            print(f"{cand.id}: {verdict.label.value}, severity {int(verdict.severity)}, {verdict.anomaly_type} "
-                  f"[{verdict.explained_by.value}] {verdict.summary[:160]}")
-            cited = ", ".join([*verdict.evidence_ids, *verdict.passage_ids, *verdict.rule_ids])
-            if cited:
-                print(f"    cites: {cited}")
+            _print_verdict(cand.id, verdict)
     stats = explainer.stats.as_dict()
     print("explain stats: " + ", ".join(f"{k} {v}" for k, v in stats.items()))
     if out:
@@ -424,6 +468,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--detector", default=_env("detector", "log-ensemble"), choices=known_detectors())
     m.add_argument("--top", type=int, default=10)
     m.add_argument("--out", default=_env("demo_out", "out/demo_candidates.jsonl"))
+    m.add_argument("--explain", type=int, default=_env("demo_explain", 5),
+                   help="explain this many of the shown candidates (0: detection only)")
+    m.add_argument("--model", default=_env("model", "smollm2-135m"), help="the explainer model, or none (rules only)")
     m.set_defaults(func=cmd_demo)
     return p
 

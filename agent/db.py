@@ -136,7 +136,11 @@ class SchemaTooNew(DBError):
 # ============================================================================ enums
 
 class RunStatus(StrEnum):
-    """Where a run is: candidates are saved once (``explaining``), then verdicts one by one."""
+    """Where a run is: candidates are saved once (``explaining``), then verdicts one by one.
+
+    ``failed`` means explaining stopped on an error (kept in the run's info); like a killed run,
+    it resumes from its stored candidates when run again.
+    """
 
     CREATED = "created"
     EXPLAINING = "explaining"

@@ -49,18 +49,21 @@ import io
 import json
 import math
 import os
+import sqlite3
 import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
-from agent.db import CandidateRow, Database, DBError, InputFile, Run, RunSpec, RunStatus, VerdictRow
+from pydantic import ValidationError
+
+from agent.db import CandidateRow, Conflict, Database, DBError, InputFile, Run, RunSpec, RunStatus, VerdictRow
 from agent.records import Candidate, Label, Severity
 
 __all__ = [
@@ -77,6 +80,7 @@ __all__ = [
     "finding_of",
     "generate_report",
     "group_key",
+    "make_pipeline",
     "main",
     "read_candidates",
     "render_html",
@@ -161,9 +165,7 @@ def sniff_kind(path: Path) -> str:
     if path.stat().st_size == 0:
         raise ReportInputError(f"{path}: file is empty")
     try:
-        with path.open("rb") as fh:
-            gz = fh.read(2) == b"\x1f\x8b"  # gzip by magic bytes, as the log reader decides
-        with (gzip.open(path, "rb") if gz else path.open("rb")) as fh:
+        with _open_maybe_gzip(path) as fh:
             head = fh.read(1 << 16)
     except (OSError, EOFError) as exc:
         raise ReportInputError(f"{path}: cannot read: {exc}") from None
@@ -182,42 +184,56 @@ def sniff_kind(path: Path) -> str:
     return "log"
 
 
+def _open_maybe_gzip(path: Path) -> IO[bytes]:
+    """The file's bytes, decompressed when it starts with the gzip magic (as the log reader decides)."""
+    with path.open("rb") as fh:
+        gz = fh.read(2) == b"\x1f\x8b"
+    return gzip.open(path, "rb") if gz else path.open("rb")  # type: ignore[return-value]
+
+
 def read_candidates(path: Path, issues: list[LineIssue]) -> list[Candidate]:
-    """Every valid candidate of a JSON-lines file; each bad line is appended to ``issues``.
+    """Every valid candidate of a JSON-lines file (plain or gzip); each bad line goes to ``issues``.
 
     Raises:
-        ReportInputError: The file has no valid candidate at all (names the first problem).
+        ReportInputError: The file cannot be read or has no valid candidate at all (names the
+            first problem).
     """
-    from pydantic import ValidationError
-
     out: list[Candidate] = []
     first_issue = len(issues)
-    with path.open("rb") as fh:
-        for line_no, raw in enumerate(fh, 1):
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                issues.append(LineIssue(str(path), line_no, "line", f"not valid UTF-8 at byte {exc.start}"))
-                continue
-            if not text.strip():
-                continue
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as exc:
-                issues.append(LineIssue(str(path), line_no, "line", f"invalid JSON at column {exc.colno}: {exc.msg}"))
-                continue
-            try:
-                out.append(Candidate.model_validate(obj))
-            except ValidationError as exc:
-                err = exc.errors()[0]
-                where = ".".join(str(x) for x in err.get("loc", ())) or "line"
-                more = f" (and {exc.error_count() - 1} more problem(s))" if exc.error_count() > 1 else ""
-                issues.append(LineIssue(str(path), line_no, where, f"{err.get('msg')}{more}"))
+    try:
+        with _open_maybe_gzip(path) as fh:
+            for line_no, raw in enumerate(fh, 1):
+                if (issue := _candidate_line(path, line_no, raw, out)) is not None:
+                    issues.append(issue)
+    except (OSError, EOFError) as exc:
+        raise ReportInputError(f"{path}: cannot read: {exc}") from None
     if not out:
         mine = issues[first_issue:]
         detail = f"; first problem: {mine[0].text()}" if mine else ""
         raise ReportInputError(f"{path}: no valid candidates in the file{detail}")
     return out
+
+
+def _candidate_line(path: Path, line_no: int, raw: bytes, out: list[Candidate]) -> LineIssue | None:
+    """Parse one line into ``out``; the problem with it, if any."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return LineIssue(str(path), line_no, "line", f"not valid UTF-8 at byte {exc.start}")
+    if not text.strip():
+        return None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return LineIssue(str(path), line_no, "line", f"invalid JSON at column {exc.colno}: {exc.msg}")
+    try:
+        out.append(Candidate.model_validate(obj))
+    except ValidationError as exc:
+        errors = exc.errors()
+        where = ".".join(str(x) for x in errors[0].get("loc", ())) or "line"
+        more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
+        return LineIssue(str(path), line_no, where, f"{errors[0].get('msg')}{more}")
+    return None
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> tuple[str, int]:
@@ -353,8 +369,18 @@ def _status(quiet: bool, message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-def detect_log(path: Path, settings: DetectSettings, source: str, *, pipeline_factory: Callable[[], Any],
-               fitted: Any | None, quiet: bool = True) -> tuple[list[Candidate], dict[str, Any]]:
+def make_pipeline(settings: DetectSettings) -> Any:
+    """An unfitted :class:`detectors.logs.pipeline.LogPipeline` for ``settings`` (as ``cmd_detect`` builds it)."""
+    from detectors.logs.pipeline import LogPipeline
+    from detectors.logs.templates import load_preset
+    from detectors.registry import make_detector
+
+    return LogPipeline(make_detector(settings.detector), log_format=settings.format,
+                       parser=load_preset(settings.parser), grouping=settings.grouping())
+
+
+def detect_log(path: Path, settings: DetectSettings, source: str, *, fitted: Any | None = None,
+               quiet: bool = True) -> tuple[list[Candidate], dict[str, Any]]:
     """Candidates of one log file, as ``anomaly-agent detect`` finds them.
 
     Without a fitted pipeline the detector is fitted on the leading ``train_fraction`` of this
@@ -366,7 +392,6 @@ def detect_log(path: Path, settings: DetectSettings, source: str, *, pipeline_fa
         path: The log.
         settings: Detection settings.
         source: The candidates' ``source`` (the file name, or the path when names clash).
-        pipeline_factory: Builds an unfitted :class:`LogPipeline`.
         fitted: A pipeline already fitted on ``--train`` (shared by all inputs), or ``None``.
         quiet: No status lines.
 
@@ -378,7 +403,7 @@ def detect_log(path: Path, settings: DetectSettings, source: str, *, pipeline_fa
     pipe = fitted
     fit_info: dict[str, Any]
     if pipe is None:
-        pipe = pipeline_factory()
+        pipe = make_pipeline(settings)
         total = sum(1 for _ in read_log(path, settings.format))
         n_fit = max(1, int(total * settings.train_fraction))
         _status(quiet, f"fitting {settings.detector} on the first {n_fit} of {total} parsed lines of {path} "
@@ -410,22 +435,11 @@ def _collect_candidates(inputs: Sequence[tuple[Path, InputFile]], settings: Dete
     """All candidates of all inputs, in input order (each log's highest score first)."""
     logs = [p for p, f in inputs if f.kind == "log"]
     fitted = None
-    factory: Callable[[], Any] = lambda: None  # noqa: E731 - replaced below when there are logs
     info: dict[str, Any] = {}
-    if logs:
-        from detectors.logs.pipeline import LogPipeline
-        from detectors.logs.templates import load_preset
-        from detectors.registry import make_detector
-
-        def factory() -> LogPipeline:
-            return LogPipeline(make_detector(settings.detector), log_format=settings.format,
-                               parser=load_preset(settings.parser), grouping=settings.grouping())
-
-        if settings.train is not None:
-            fitted = factory()
-            _status(quiet, f"fitting {settings.detector} on {settings.train} ...")
-            report = fitted.fit(settings.train)
-            info["train"] = report.to_dict()
+    if logs and settings.train is not None:
+        fitted = make_pipeline(settings)
+        _status(quiet, f"fitting {settings.detector} on {settings.train} ...")
+        info["train"] = fitted.fit(settings.train).to_dict()
     names = Counter(p.name for p in logs)
     out: list[Candidate] = []
     seen: dict[str, str] = {}
@@ -433,7 +447,7 @@ def _collect_candidates(inputs: Sequence[tuple[Path, InputFile]], settings: Dete
     for path, f in inputs:
         if f.kind == "log":
             source = path.name if names[path.name] == 1 else str(path)
-            cands, detail = detect_log(path, settings, source, pipeline_factory=factory, fitted=fitted, quiet=quiet)
+            cands, detail = detect_log(path, settings, source, fitted=fitted, quiet=quiet)
         else:
             before = len(issues)
             cands = read_candidates(path, issues)
@@ -531,7 +545,7 @@ def generate_report(inputs: Sequence[str | Path], options: ReportOptions, explai
     issues: list[LineIssue] = []
     with Database(options.db) as db:
         run_row, created = db.get_or_create_run(spec)
-        if run_row.status is RunStatus.CREATED:
+        if run_row.status is RunStatus.CREATED:  # candidates are stored with the move to "explaining"
             cands, info = _collect_candidates(files, det, issues, options.quiet)
             info["skipped_lines"] = [asdict(i) for i in issues[:200]]
             info["skipped_lines_total"] = len(issues)
@@ -548,8 +562,12 @@ def generate_report(inputs: Sequence[str | Path], options: ReportOptions, explai
         if found:
             _status(options.quiet, f"run {run_row.id}: {found} of {len(rows)} verdicts already in {options.db}; "
                                    f"explaining the other {len(pending_ids)}")
-        made = _explain_pending(db, run_row.id, [r for r in order if r.candidate_id in pending_ids], explainer,
-                                total=len(rows), done=found, quiet=options.quiet)
+        try:
+            made = _explain_pending(db, run_row.id, [r for r in order if r.candidate_id in pending_ids], explainer,
+                                    total=len(rows), done=found, quiet=options.quiet)
+        except Exception as exc:  # recorded for whoever looks at the run; rerunning resumes it
+            db.set_run_status(run_row.id, RunStatus.FAILED, info={"error": f"{type(exc).__name__}: {exc}"[:500]})
+            raise
         if db.count_verdicts(run_row.id) != len(rows):
             raise DBError(f"run {run_row.id}: {db.count_verdicts(run_row.id)} verdicts for {len(rows)} candidates")
         run_row = db.set_run_status(run_row.id, RunStatus.DONE)
@@ -583,9 +601,12 @@ def _explain_pending(db: Database, run_id: str, pending: Sequence[CandidateRow],
             calls, hits = stats.model_calls, stats.cache_hits
             t0 = time.perf_counter()
             verdict = explainer.explain(row.candidate)
-            db.record_verdict(run_id, row.candidate_id, verdict, model_calls=stats.model_calls - calls,
-                              cache_hit=stats.cache_hits > hits, elapsed_s=time.perf_counter() - t0)
-            made += 1
+            try:
+                db.record_verdict(run_id, row.candidate_id, verdict, model_calls=stats.model_calls - calls,
+                                  cache_hit=stats.cache_hits > hits, elapsed_s=time.perf_counter() - t0)
+                made += 1
+            except Conflict:  # another process running the same report got there first: keep its verdict
+                pass
             bar.update(1)
     return made
 
@@ -950,7 +971,12 @@ def run(args: argparse.Namespace) -> int:
     for p in args.inputs:  # fail on a bad input before loading a model or a store
         sniff_kind(Path(p))
     explainer = build_explainer(args)
-    result = generate_report(args.inputs, options, explainer)
+    try:
+        result = generate_report(args.inputs, options, explainer)
+    except DBError as exc:
+        raise ReportInputError(f"database {db}: {exc}") from None
+    except sqlite3.DatabaseError as exc:  # not a database, locked for too long, unwritable folder
+        raise ReportInputError(f"--db {db}: {exc}") from None
     print(f"run {result.run_id}: {result.candidates} candidates in {result.groups} groups; "
           f"{result.verdicts_made} verdicts made now, {result.verdicts_found} resumed from {db}; "
           f"model calls {result.model_calls} ({result.model_calls_per_1000:g} per 1,000 candidates); "

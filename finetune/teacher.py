@@ -73,8 +73,8 @@ MAX_ACTION = 50
 MAX_ACTIONS = 2
 
 CATEGORY_SEVERITY: dict[str, int] = {
-    "exception": 3,
     "error burst": 3,
+    "exception": 3,
     "warning burst": 2,
     "missing workflow events": 2,
     "workflow ended early": 2,
@@ -87,7 +87,8 @@ CATEGORY_SEVERITY: dict[str, int] = {
     "unusual event counts": 1,
 }
 """Base severity per category: failures that lose or corrupt data (exceptions, errors) high;
-structural deviations medium; "more of a normal thing" low. Unknown reasons get 1."""
+structural deviations medium; "more of a normal thing" low. Unknown reasons get 1. The order
+breaks ties (an error burst of exception lines is reported as the burst)."""
 
 CATEGORY_ACTION: dict[str, str] = {
     "exception": "Check the node that logged the exception",
@@ -346,7 +347,8 @@ def _groups(facts: Sequence[Fact]) -> list[tuple[Fact, ...]]:
     for f in facts:
         if f.category is not None:
             by_cat.setdefault(f.category, []).append(f)
-    order = sorted(by_cat, key=lambda c: (-CATEGORY_SEVERITY.get(c, 1),
+    rank = {c: i for i, c in enumerate(CATEGORY_SEVERITY)}  # ties: the more specific finding first
+    order = sorted(by_cat, key=lambda c: (-CATEGORY_SEVERITY.get(c, 1), rank.get(c, len(rank)),
                                           min(facts.index(f) for f in by_cat[c])))
     return [tuple(by_cat[c]) for c in order]
 

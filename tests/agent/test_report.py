@@ -8,6 +8,7 @@ backend, not of the report) to count model calls per group.
 from __future__ import annotations
 
 import csv
+import gzip
 import json
 import os
 import re
@@ -262,6 +263,13 @@ def test_candidate_json_lines_input_keeps_valid_lines_and_names_bad_ones(
     assert report["run"]["inputs"][0]["kind"] == "candidates" and report["provenance"]["detection"] is None
     assert report["run"]["info"]["skipped_lines_total"] == 2
 
+    gz = tmp_path / "cands.jsonl.gz"  # the same candidates, gzipped: read by content, not by name
+    gz.write_bytes(gzip.compress(cands_file.read_bytes()))
+    work = tmp_path / "c"
+    assert main([str(gz), "--model", "none", "--no-knowledge", "--store", str(work / "s"),
+                 "--db", str(work / "x.db"), "--out", str(work / "report.html"), "--quiet"]) == 0
+    assert json.loads((work / "report.json").read_text())["summary"]["candidates"] == len(good) - 1
+
 
 @pytest.mark.parametrize(
     ("name", "content", "fragment"),
@@ -323,3 +331,21 @@ def test_retrieval_memo_answers_identical_queries_once(sample: Path, tmp_path: P
     distinct = {tuple(candidate_queries(c)) for c in cands}
     assert store.searches == len(distinct) < len(cands) and memo.hits == len(cands) - len(distinct)
     assert results == [CountingStore().search_for(c) for c in cands] and memo.version == "v1"
+
+
+def test_clean_log_gives_an_empty_report_and_a_bad_database_is_one_line(
+        sample: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    work = tmp_path / "clean"
+    args = [str(sample / "train.log"), "--train", str(sample / "train.log"), "--model", "none", "--no-knowledge",
+            "--store", str(work / "s"), "--db", str(work / "a.db"), "--out", str(work / "report.html"), "--quiet"]
+    assert main(args) == 0
+    report = json.loads((work / "report.json").read_text())
+    assert report["summary"]["candidates"] == 0 and report["groups"] == [] and report["run"]["status"] == "done"
+    assert "Executive summary" in (work / "report.html").read_text()
+
+    not_a_db = tmp_path / "notes.db"
+    not_a_db.write_text("these are my notes, not a database\n" * 100)
+    capsys.readouterr()
+    assert main([*args[:-5], "--db", str(not_a_db), "--out", str(work / "r2.html"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"--db {not_a_db}: file is not a database" in err and len(err.strip().splitlines()) == 1
