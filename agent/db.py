@@ -766,8 +766,8 @@ class Database:
                            (run_id, candidate_id))
         if not rows:
             self.run(run_id)
-            raise NotFound("candidate", f"{run_id}/{candidate_id}",
-                           f"some of the run's candidates: {self._some_ids('SELECT candidate_id FROM candidates WHERE run_id = ? ORDER BY seq', (run_id,))}")
+            some = self._some_ids("SELECT candidate_id FROM candidates WHERE run_id = ? ORDER BY seq", (run_id,))
+            raise NotFound("candidate", f"{run_id}/{candidate_id}", f"some of the run's candidates: {some}")
         return self._cand(rows[0])
 
     def pending_candidates(self, run_id: str) -> list[CandidateRow]:
@@ -1045,7 +1045,7 @@ class Database:
             cur = conn.execute("INSERT INTO chat_messages (session_id, role, content, cited_ids, created) "
                                "VALUES (?, ?, ?, ?, ?)",
                                (session_id, role.value, content, json.dumps(list(cited_ids)), created))
-        return ChatMessage(id=int(cur.lastrowid), session_id=session_id, role=role, content=content,  # type: ignore[arg-type]
+        return ChatMessage(id=int(cur.lastrowid or 0), session_id=session_id, role=role, content=content,
                            cited_ids=tuple(cited_ids), created=created)
 
     def chat_messages(self, session_id: str) -> list[ChatMessage]:

@@ -117,8 +117,10 @@ LABEL_COLOURS = {"anomaly": "#c2261f", "uncertain": "#d9a400", "normal": "#4c9f7
 # ============================================================================ errors and inputs
 
 class ReportInputError(ValueError):
-    """A problem with the user's input or settings: one line, exit status 2 (a ValueError, so the
-    ``anomaly-agent`` entry point reports it the same way)."""
+    """A problem with the user's input or settings: one line, exit status 2.
+
+    A ValueError, so the ``anomaly-agent`` entry point reports it the same way when it calls :func:`run`.
+    """
 
 
 @dataclass(frozen=True)
@@ -544,7 +546,7 @@ def generate_report(inputs: Sequence[str | Path], options: ReportOptions, explai
                    knowledge_version=prov.knowledge_version)
     issues: list[LineIssue] = []
     with Database(options.db) as db:
-        run_row, created = db.get_or_create_run(spec)
+        run_row, _ = db.get_or_create_run(spec)
         if run_row.status is RunStatus.CREATED:  # candidates are stored with the move to "explaining"
             cands, info = _collect_candidates(files, det, issues, options.quiet)
             info["skipped_lines"] = [asdict(i) for i in issues[:200]]
@@ -683,8 +685,8 @@ def build_report(run_row: Run, rows: Sequence[CandidateRow], verdicts: Sequence[
             "id": c.id, "seq": r.seq, "group": r.group_key, "source": c.source, "modality": c.modality.value,
             "detector": c.detector, "score": c.score, "threshold": c.threshold, "locator": c.locator,
             "evidence": _evidence(c), "verdict": v.verdict.model_dump(mode="json"),
-            "finding": finding_of(c), "type": _type_of(v), "final_label": v.final_label.value, "final_severity": int(v.final_severity),
-            "review": v.review.value, "model_calls": v.model_calls, "cache_hit": v.cache_hit})
+            "finding": finding_of(c), "type": _type_of(v), "final_label": v.final_label.value,
+            "final_severity": int(v.final_severity), "review": v.review.value, "model_calls": v.model_calls, "cache_hit": v.cache_hit})
     cand_by_id = {c["id"]: c for c in candidates}
     group_list = []
     for key, members in groups.items():
@@ -694,8 +696,8 @@ def build_report(run_row: Run, rows: Sequence[CandidateRow], verdicts: Sequence[
         sevs = [int(by_cand[m.candidate_id].final_severity) for m in members]
         reasons = sorted({str(e.data.get("reason")) for e in rep.candidate.evidence if e.data.get("reason")})
         group_list.append({
-            "key": key, "finding": finding_of(rep.candidate), "type": _type_of(rv), "size": len(members), "representative": rep.candidate_id,
-            "members": [m.candidate_id for m in members], "detector": rep.candidate.detector,
+            "key": key, "finding": finding_of(rep.candidate), "type": _type_of(rv), "size": len(members),
+            "representative": rep.candidate_id, "members": [m.candidate_id for m in members], "detector": rep.candidate.detector,
             "reasons": reasons, "labels": dict(sorted(labels.items())), "max_severity": max(sevs),
             "summary": rv.verdict.summary, "explained_by": rv.verdict.explained_by.value,
             "model_calls": sum(by_cand[m.candidate_id].model_calls for m in members),
@@ -719,8 +721,8 @@ def build_report(run_row: Run, rows: Sequence[CandidateRow], verdicts: Sequence[
         "model_calls": model_calls,
         "model_calls_per_1000": round(1000.0 * model_calls / n, 1) if n else 0.0,
         "cache_hits": sum(v.cache_hit for v in verdicts),
-        "top_groups": [{k: g[k] for k in ("key", "finding", "type", "size", "max_severity", "labels", "representative", "summary")}
-                       for g in top],
+        "top_groups": [{k: g[k] for k in ("key", "finding", "type", "size", "max_severity", "labels", "representative",
+                                          "summary")} for g in top],
     }
     return {
         "format": REPORT_FORMAT,

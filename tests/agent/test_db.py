@@ -31,7 +31,8 @@ from agent.explain import Explainer
 from agent.records import Candidate, Evidence, EvidenceKind, Label, Modality, Severity
 
 
-def _candidate(i: int, score: float = 5.0, threshold: float = 1.0, template: str = "Exception in receiveBlock <*>") -> Candidate:
+def _candidate(i: int, score: float = 5.0, threshold: float = 1.0,
+               template: str = "Exception in receiveBlock <*>") -> Candidate:
     return Candidate(
         id=f"t.log:blk_{i}", source="t.log", modality=Modality.LOGS,
         locator={"sequence": f"blk_{i}", "first_line": 10 * i, "last_line": 10 * i + 5},

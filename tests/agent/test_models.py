@@ -23,6 +23,7 @@ import pytest
 import agent.models as models
 import prompts
 from agent.explain import parse_answer
+from agent.hf_models import TransformersModel
 from agent.models import (
     LlamaCppModel,
     Message,
@@ -32,7 +33,6 @@ from agent.models import (
     ModelTimeout,
     OpenAICompatibleModel,
     PackagedGGUF,
-    TransformersModel,
     join_parts,
     locate_parts,
     make_model,

@@ -200,11 +200,15 @@ class ScriptedModel:
         self.calls += 1
         assert schema is not None
         ids = schema["properties"]["causal_chain"]["items"]["properties"]["evidence_ids"]["items"]["enum"]
-        answer = {"anomaly_type": "write pipeline failure", "summary": "The block's write pipeline broke.",
-                  "causal_chain": [{"text": "The cited line shows it.", "evidence_ids": [ids[0]]}],
-                  "passage_ids": [], "rule_ids": [], "label": "anomaly", "severity": 2, "confidence": 0.8,
-                  "actions": ["Check the DataNode"]}
-        return Message(role="assistant", content=json.dumps(answer))
+        return Message(role="assistant", content=json.dumps(self.answer(ids[0])))
+
+    @staticmethod
+    def answer(evidence_id: str) -> dict[str, Any]:
+        """The answer it gives, citing ``evidence_id`` (an id from the schema's enum)."""
+        return {"anomaly_type": "write pipeline failure", "summary": "The block's write pipeline broke.",
+                "causal_chain": [{"text": "The cited line shows it.", "evidence_ids": [evidence_id]}],
+                "passage_ids": [], "rule_ids": [], "label": "anomaly", "severity": 2, "confidence": 0.8,
+                "actions": ["Check the DataNode"]}
 
 
 def test_one_model_call_per_group_and_each_member_keeps_its_own_decision(sample: Path, tmp_path: Path) -> None:
@@ -222,7 +226,7 @@ def test_one_model_call_per_group_and_each_member_keeps_its_own_decision(sample:
     assert result.model_calls_per_1000 == pytest.approx(round(1000 * result.groups / result.candidates, 1))
     report = json.loads(result.paths["json"].read_text())
     assert report["summary"]["cache_hits"] == result.candidates - result.groups
-    answer = ModelAnswer.model_validate_json(model.generate([], _schema_like()).content)
+    answer = ModelAnswer.model_validate(ScriptedModel.answer("E1"))
     for c in report["candidates"]:
         group = next(g for g in report["groups"] if g["key"] == c["group"])
         assert c["cache_hit"] == (c["id"] != group["representative"])
@@ -234,10 +238,6 @@ def test_one_model_call_per_group_and_each_member_keeps_its_own_decision(sample:
         assert ("R-001" in c["verdict"]["rule_ids"]) == c["locator"]["sequence"].startswith("blk_-")
     split = [g for g in report["groups"] if len(g["labels"]) > 1]
     assert split, "some group should hold both normal (rule) and anomalous members"
-
-
-def _schema_like() -> dict[str, Any]:
-    return {"properties": {"causal_chain": {"items": {"properties": {"evidence_ids": {"items": {"enum": ["E1"]}}}}}}}
 
 
 def test_candidate_json_lines_input_keeps_valid_lines_and_names_bad_ones(
@@ -349,3 +349,21 @@ def test_clean_log_gives_an_empty_report_and_a_bad_database_is_one_line(
     assert main([*args[:-5], "--db", str(not_a_db), "--out", str(work / "r2.html"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert f"--db {not_a_db}: file is not a database" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train-file", "leading-fraction"])
+def test_report_candidates_are_exactly_those_of_detect(sample: Path, tmp_path: Path, train: bool) -> None:
+    from agent.cli import main as cli_main
+
+    fit = ["--train", str(sample / "train.log")] if train else []
+    detected = tmp_path / "detect.jsonl"
+    assert cli_main(["detect", str(sample / "test.log"), *fit, "--out", str(detected)]) == 0
+    args = [str(sample / "test.log"), *fit, "--model", "none", "--no-knowledge", "--store", str(tmp_path / "s"),
+            "--db", str(tmp_path / "a.db"), "--out", str(tmp_path / "report.html"), "--quiet"]
+    assert main(args) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    expected = [Candidate.model_validate_json(line) for line in detected.read_text().splitlines()]
+    got = [Candidate.model_validate({k: c[k] for k in ("id", "source", "modality", "locator", "score", "threshold",
+                                                       "detector")} | {"evidence": _evidence_back(c)})
+           for c in report["candidates"]]
+    assert got == expected and got
