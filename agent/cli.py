@@ -463,6 +463,12 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", default=_env("explain_out", None), help="write verdicts as JSON lines")
     x.set_defaults(func=cmd_explain)
 
+    from agent import report as report_cmd
+
+    rp = sub.add_parser("report", help="explain every candidate into one resumable HTML/JSON/CSV report")
+    report_cmd.add_arguments(rp)
+    rp.set_defaults(func=report_cmd.run)
+
     m = sub.add_parser("demo", help="run the main job on the bundled sample")
     m.add_argument("--sample", default=_env("sample", str(DEMO_DIR)))
     m.add_argument("--detector", default=_env("detector", "log-ensemble"), choices=known_detectors())
