@@ -451,6 +451,7 @@ class ExplainStats:
 
     candidates: int = 0
     cache_hits: int = 0
+    retrieval_memo_hits: int = 0
     model_calls: int = 0
     model_valid_first: int = 0
     model_valid_retry: int = 0
@@ -462,7 +463,7 @@ class ExplainStats:
     validate_s: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
-        d = {k: getattr(self, k) for k in ("candidates", "cache_hits", "model_calls", "model_valid_first",
+        d = {k: getattr(self, k) for k in ("candidates", "cache_hits", "retrieval_memo_hits", "model_calls", "model_valid_first",
                                             "model_valid_retry", "fallbacks")}
         d["errors"] = dict(self.errors)
         d.update({k: round(getattr(self, k), 4) for k in ("retrieval_s", "prompt_s", "model_s", "validate_s")})
@@ -504,6 +505,7 @@ class Explainer:
         self.max_tokens = max_tokens
         self.cache = ExplanationCache(cache_dir) if use_cache else None
         self.stats = ExplainStats()
+        self._retrieved: dict[tuple[Any, ...], list[Any]] = {}
         self.last_answer: ModelAnswer | None = None
         """The validated model answer behind the last verdict (None for rules-only ones): the
         model's own label, before the decision, for measuring its accuracy."""
@@ -535,6 +537,7 @@ class Explainer:
             self._rulebook = RuleBook(self._rulebook.path)
             self.rules = self._rulebook.list()
         self._knowledge_version = None
+        self._retrieved.clear()
 
     def provenance(self) -> Provenance:
         return Provenance(model_id=self.model.model_id if self.model is not None else "none",
@@ -544,12 +547,28 @@ class Explainer:
 
     # ------------------------------------------------------------------ steps
     def retrieve(self, candidate: Candidate) -> list[Any]:
-        """Passages for the candidate; a failing store gives none (logged), never an error."""
+        """Passages for the candidate; a failing store gives none (logged), never an error.
+
+        Memoised on the candidate's queries and the knowledge version: retrieval comes before the
+        cache lookup (passage ids are part of the key) and embedding the queries costs 0.5-1 s on
+        a busy 2-core machine -- more than a cache hit saves -- while candidates with the same
+        evidence content (a group in a report) have the same queries.
+        """
         if self.store is None or self.k_passages == 0:
             return []
+        from knowledge.store import candidate_queries
+
         try:
+            key = (tuple(candidate_queries(candidate)), self.k_passages, self.knowledge_version)
+            if key in self._retrieved:
+                self.stats.retrieval_memo_hits += 1
+                return list(self._retrieved[key])
             found = self.store.search_for(candidate, k=self.k_passages)
-            return [p for p in found if getattr(p, "score", None) is None or p.score >= self.min_passage_score]
+            kept = [p for p in found if getattr(p, "score", None) is None or p.score >= self.min_passage_score]
+            if len(self._retrieved) >= 4096:
+                self._retrieved.pop(next(iter(self._retrieved)))
+            self._retrieved[key] = kept
+            return list(kept)
         except Exception as exc:  # retrieval is a help, not a requirement
             log.warning("retrieval failed for %s: %s", candidate.id, exc)
             self.stats.errors[f"retrieval: {type(exc).__name__}"] += 1

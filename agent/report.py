@@ -68,7 +68,6 @@ from agent.records import Candidate, Label, Severity
 
 __all__ = [
     "DetectSettings",
-    "RetrievalMemo",
     "LineIssue",
     "ReportInputError",
     "ReportOptions",
@@ -902,41 +901,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars or status lines")
 
 
-class RetrievalMemo:
-    """A knowledge store proxy that answers a repeated retrieval from memory.
-
-    Why: the explainer retrieves passages for every candidate before it looks in its cache (the
-    passage ids are part of the cache key), and one retrieval embeds the candidate's queries with
-    MiniLM (about 0.5-1 s on a busy 2-core machine) -- more than a cache hit saves. Retrieval
-    depends only on the queries (:func:`knowledge.store.candidate_queries`, built from the evidence
-    content with ids and numbers masked), which members of a group share, so within one report
-    the same queries give the same passages. Everything else is passed through to the store.
-
-    Args:
-        store: A :class:`knowledge.store.KnowledgeStore`.
-    """
-
-    def __init__(self, store: Any) -> None:
-        self._store = store
-        self._memo: dict[tuple[Any, ...], list[Any]] = {}
-        self.hits = 0
-
-    def search_for(self, candidate: Candidate, k: int = 5, where: Mapping[str, Any] | None = None,
-                   collection: str = "documents") -> list[Any]:
-        """:meth:`KnowledgeStore.search_for`, memoised on the candidate's queries."""
-        from knowledge.store import candidate_queries
-
-        key = (tuple(candidate_queries(candidate)), k, json.dumps(where, sort_keys=True, default=str), collection)
-        if key in self._memo:
-            self.hits += 1
-        else:
-            self._memo[key] = self._store.search_for(candidate, k=k, where=where, collection=collection)
-        return list(self._memo[key])
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._store, name)
-
-
 def build_explainer(args: argparse.Namespace) -> Any:
     """The :class:`agent.explain.Explainer` the options describe (model not loaded until first use)."""
     from agent.explain import Explainer
@@ -947,7 +911,7 @@ def build_explainer(args: argparse.Namespace) -> Any:
     if not args.no_knowledge and store_dir.exists():
         from knowledge.store import KnowledgeStore
 
-        store = RetrievalMemo(KnowledgeStore(store_dir))
+        store = KnowledgeStore(store_dir)
     model = None
     if args.model != "none":
         from agent.models import make_model

@@ -113,7 +113,6 @@ def prepare_file(scores: np.ndarray, windows: Sequence[tuple[int, int]], probati
             fp_val[r + 1 : nxt] = scaled_sigmoid(np.abs(r - after) / (w - 1))
         else:
             fp_val[r + 1 : nxt] = -1.0
-        prev_r, prev_w = r, w
     p = probationary_length(n, probation)
     keep = idx >= p
     wk = win[keep]

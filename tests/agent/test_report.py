@@ -30,7 +30,6 @@ from agent.report import (
     TEST_DELAY_ENV,
     DetectSettings,
     ReportOptions,
-    RetrievalMemo,
     finding_of,
     generate_report,
     group_key,
@@ -325,12 +324,15 @@ def test_retrieval_memo_answers_identical_queries_once(sample: Path, tmp_path: P
     cands = [Candidate.model_validate_json(line) for line in cands_file.read_text().splitlines()]
     from knowledge.store import candidate_queries
 
+    from agent.explain import Explainer
+
     store = CountingStore()
-    memo = RetrievalMemo(store)
-    results = [memo.search_for(c, k=2) for c in cands]
+    explainer = Explainer(None, store=store, rules=[], min_passage_score=0.0)
+    results = [explainer.retrieve(c) for c in cands]
     distinct = {tuple(candidate_queries(c)) for c in cands}
-    assert store.searches == len(distinct) < len(cands) and memo.hits == len(cands) - len(distinct)
-    assert results == [CountingStore().search_for(c) for c in cands] and memo.version == "v1"
+    hits = explainer.stats.retrieval_memo_hits
+    assert store.searches == len(distinct) < len(cands) and hits == len(cands) - len(distinct)
+    assert results == [CountingStore().search_for(c) for c in cands]
 
 
 def test_clean_log_gives_an_empty_report_and_a_bad_database_is_one_line(
