@@ -100,6 +100,8 @@ log = logging.getLogger(__name__)
 MAX_RULES_SHOWN = 8
 DEFAULT_PASSAGES = 2
 MIN_PASSAGE_SCORE = 0.35
+MIN_CASE_SCORE = 0.6
+"""Past cases must be closer than documents to be shown: a case asserts a verdict."""
 """Cosine similarity below which a retrieved passage is not shown: an off-topic passage (the
 spacecraft guide for an HDFS block) costs prompt time and invites the model to cite noise."""
 CACHE_FORMAT = 1
@@ -482,13 +484,14 @@ class Explainer:
         weights: The decision weights (default :meth:`DecisionWeights.from_env`).
         passages: Passages retrieved per candidate (at most).
         min_passage_score: Passages less similar than this are not shown.
+        past_cases: Analyst-reviewed past cases shown (closest first, if close enough).
         max_tokens: Generation limit per call.
         use_cache: Turn the cache off (benchmarks).
     """
 
     def __init__(self, model: ChatModel | None, store: Any = None, rules: RuleBook | Sequence[Rule] | None = None,
                  cache_dir: str | Path | None = None, *, weights: DecisionWeights | None = None,
-                 passages: int = DEFAULT_PASSAGES, min_passage_score: float = MIN_PASSAGE_SCORE,
+                 passages: int = DEFAULT_PASSAGES, min_passage_score: float = MIN_PASSAGE_SCORE, past_cases: int = 1,
                  max_tokens: int = 512, use_cache: bool = True) -> None:
         self.model = model
         self.store = store
@@ -502,6 +505,7 @@ class Explainer:
             raise ValueError(f"passages must be >= 0, got {passages}")
         self.k_passages = passages
         self.min_passage_score = min_passage_score
+        self.past_cases = past_cases
         self.max_tokens = max_tokens
         self.cache = ExplanationCache(cache_dir) if use_cache else None
         self.stats = ExplainStats()
@@ -565,6 +569,7 @@ class Explainer:
                 return list(self._retrieved[key])
             found = self.store.search_for(candidate, k=self.k_passages)
             kept = [p for p in found if getattr(p, "score", None) is None or p.score >= self.min_passage_score]
+            kept += self._past_cases(candidate)
             if len(self._retrieved) >= 4096:
                 self._retrieved.pop(next(iter(self._retrieved)))
             self._retrieved[key] = kept
@@ -573,6 +578,20 @@ class Explainer:
             log.warning("retrieval failed for %s: %s", candidate.id, exc)
             self.stats.errors[f"retrieval: {type(exc).__name__}"] += 1
             return []
+
+    def _past_cases(self, candidate: Candidate) -> list[Any]:
+        """The closest analyst-reviewed past case (``cases`` collection), if it is close enough.
+
+        Shown like a passage (cited by id): "the analyst confirmed a case like this as ..." is
+        the most useful context a small model can get. Only when the store has cases, so a
+        store without any pays no extra embedding.
+        """
+        if self.past_cases <= 0 or not hasattr(self.store, "count"):
+            return []
+        if self.store.count("cases") == 0:
+            return []
+        found = self.store.search_for(candidate, k=self.past_cases, collection="cases")
+        return [p for p in found if getattr(p, "score", None) is not None and p.score >= MIN_CASE_SCORE]
 
     def shown_rules(self, candidate: Candidate) -> tuple[list[Rule], list[str]]:
         """Rules for the prompt (matched compiled ones, then text-only ones) and the matched ids."""

@@ -111,6 +111,11 @@ def dequantised_folder(base: ResolvedBase, cache_dir: str | Path | None = None) 
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".{target.name}.{os.getpid()}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
+    # The GGUF quantizer marks the model "not serializable", but its weights are plain floats by
+    # now: drop the quantizer and its config entry so the folder loads as an ordinary model.
+    model.hf_quantizer = None
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
     try:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)

@@ -159,7 +159,7 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Fi
     import yaml
 
     p = Path(path)
-    if not p.exists() and not p.suffix and (CONFIG_DIR / f"{p.name}.yaml").is_file():
+    if not p.exists() and len(p.parts) == 1 and (CONFIG_DIR / f"{p.name}.yaml").is_file():
         p = CONFIG_DIR / f"{p.name}.yaml"
     if not p.is_file():
         known = sorted(f.stem for f in CONFIG_DIR.glob("*.yaml"))

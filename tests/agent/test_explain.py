@@ -230,6 +230,46 @@ def test_decision_weights() -> None:
         DecisionWeights(model=-1)
 
 
+def test_weights_come_from_measured_accuracy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import math
+
+    import agent.explain as ex
+
+    w = DecisionWeights.from_accuracy(0.99, 0.5)
+    assert w.model == 0.0 and w.detector == pytest.approx(math.log(99), rel=1e-3)  # chance earns no vote
+    assert DecisionWeights.from_accuracy(1.0, 0.9).detector == w.detector  # capped at 0.99
+    table = tmp_path / "weights.json"
+    monkeypatch.setattr(ex, "WEIGHTS_FILE", table)
+    assert DecisionWeights.measured("fake") is None and Explainer(FakeModel(_const("{}"))).weights == DecisionWeights()
+    ex.save_measured_weights("fake", None, {"detector_accuracy": 0.9, "model_accuracy": 0.8, "sessions": 60})
+    ex.save_measured_weights("fake", "tuned.gguf@abc", {"detector_accuracy": 0.9, "model_accuracy": 0.95})
+    assert Explainer(FakeModel(_const("{}"))).weights == DecisionWeights.from_accuracy(0.9, 0.8)
+    tuned = FakeModel(_const("{}"))
+    tuned.adapter = "tuned.gguf@abc"
+    assert Explainer(tuned).weights.model > Explainer(FakeModel(_const("{}"))).weights.model
+    monkeypatch.setenv("ANOMALY_AGENT_WEIGHT_MODEL", "0")  # the environment overrides the measurement
+    assert Explainer(FakeModel(_const("{}"))).weights.model == 0.0
+    table.write_text("not json")
+    assert DecisionWeights.measured("fake") is None  # unreadable table: defaults, logged
+
+
+def test_reviewed_past_case_is_shown_and_citable(tmp_path: Path) -> None:
+    from knowledge.store import KnowledgeStore
+
+    store = KnowledgeStore(tmp_path / "kb")
+    store.add_passages([Passage.make("runbook.md", "Disks", 0, "Replace a failing disk on the DataNode.")])
+    model = FakeModel(lambda _m, s: json.dumps(_answer(passage_ids=list(s["properties"]["passage_ids"]["items"]["enum"])[-1:])))
+    assert all(not p.source.startswith("cases/") for p in Explainer(model, store=store).retrieve(_candidate()))
+    case = Passage(id="case-run1-blk9", source="cases/run1", heading="test.log:blk_9", offset=0,
+                   text="Analyst confirmed: writeBlock received exception java.io.IOException Could not read from "
+                        "stream, unseen template; a failed write pipeline replica, severity high.")
+    store.add_passages([case], collection="cases")
+    explainer = Explainer(model, store=store)
+    assert case.id in [p.id for p in explainer.retrieve(_candidate())]
+    v = explainer.explain(_candidate("blk_2"))
+    assert v.explained_by is ExplainedBy.MODEL and v.passage_ids == (case.id,)
+
+
 # ------------------------------------------------------------------------------ injection
 
 PAYLOADS = [
