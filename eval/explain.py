@@ -494,13 +494,19 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [f"## Explanation engine eval (model `{result['model']}`)", ""]
     h = result.get("hdfs")
     if h:
-        lines += ["### HDFS 2% sample, balanced test sessions (log-ensemble candidates, example knowledge, no rules)", "",
-                  "| candidates | valid + cited | fallbacks | accuracy (agent) | accuracy (detector) | uncertain | p50 s | p90 s | cache hits | overhead / model time |",
-                  "|---|---|---|---|---|---|---|---|---|---|",
+        lines += ["### HDFS 2% sample, test sessions of the 80/20 split (log-ensemble candidates, example knowledge, no rules)", "",
+                  "| candidates | valid + cited | fallbacks | accuracy (agent) | accuracy (detector alone) | accuracy (model alone) | weights det./model | p50 s per verdict | p50 s per model call | model calls | overhead / model time |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|",
                   f"| {h['candidates']} ({h['anomalous']} anom.) | {h['valid_cited']} ({h['valid_cited_share']:.1%}) | "
-                  f"{h['fallbacks']} | {h['accuracy']} | {h['detector_accuracy']} | {h['uncertain']} | "
-                  f"{h['latency_p50_s']} | {h['latency_p90_s']} | {h['cache_hits']} | "
+                  f"{h['fallbacks']} | {h['accuracy']} | {h['detector_accuracy']} | {h.get('model_alone_accuracy')} | "
+                  f"{h.get('weights', {}).get('detector')} / {h.get('weights', {}).get('model')} | "
+                  f"{h['latency_p50_s']} | {h.get('model_call_latency_p50_s')} | {h['stats']['model_calls']} | "
                   f"{h['overhead']['share_of_model_time']} |", ""]
+        cal = result.get("calibration")
+        if cal:
+            lines += [f"Calibration (sessions {cal['slice'][0]:.0%}-{cal['slice'][1]:.0%} of the chronological order, "
+                      f"{cal['sessions']} sessions): detector accuracy {cal['detector_accuracy']}, model alone "
+                      f"{cal['model_accuracy']} -> weights {cal['weights']}.", ""]
     elif "hdfs_skipped" in result:
         lines += [f"HDFS part skipped: {result['hdfs_skipped']}", ""]
     for name in ("rules", "injection"):
