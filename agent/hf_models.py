@@ -214,17 +214,22 @@ class JsonSchemaLogitsProcessor:
             raise ValueError(f"llguidance cannot compile the schema: {'; '.join(messages)}")
         self._matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
         if self._matcher.is_error():
-            raise ValueError(f"llguidance cannot compile the schema: {self._matcher.get_error()}")
+            raise ValueError(f"llguidance cannot compile the schema: {self._error()}")
         self.n_vocab = int(tokenizer.vocab_size)
         self.prompt_length = int(prompt_length)
         self.consumed = 0
         """Generated tokens the grammar has accepted so far."""
 
+    def _error(self) -> str:
+        """llguidance's error, without the parser state and grammar dump it appends."""
+        text = (self._matcher.get_error() or "").split("<state>")[0].strip()
+        return text[:300] or "dead end"
+
     def _advance(self, generated: Sequence[int]) -> None:
         for token in generated[self.consumed:]:
             if not self._matcher.consume_token(int(token)):
                 raise ModelError(f"constrained decoding: token {int(token)} was generated against the grammar "
-                                 f"({self._matcher.get_error()})")
+                                 f"({self._error()})")
             self.consumed += 1
 
     def __call__(self, input_ids: Any, scores: Any) -> Any:
@@ -241,7 +246,7 @@ class JsonSchemaLogitsProcessor:
         allowed = allowed[:width].to(scores.device)
         if not bool(allowed.any()):
             raise ModelError("constrained decoding: no token of this tokenizer can continue the JSON "
-                             f"after {self.consumed} tokens ({self._matcher.get_error() or 'dead end'})")
+                             f"after {self.consumed} tokens ({self._error()})")
         return scores.masked_fill(~allowed.unsqueeze(0), float("-inf"))
 
     def finish(self, generated: Sequence[int]) -> bool:
@@ -341,7 +346,7 @@ class TransformersModel:
             self._architecture = str(archs[0]) if archs else str(getattr(config, "model_type", "?"))
         return self.kind
 
-    def load(self) -> "TransformersModel":
+    def load(self) -> TransformersModel:
         """Load tokenizer (or processor), weights and adapter now (otherwise the first generate does).
 
         Raises:
@@ -369,8 +374,9 @@ class TransformersModel:
             try:
                 import bitsandbytes  # noqa: F401
                 from transformers import BitsAndBytesConfig
-            except ImportError:
-                raise ModelNotInstalled("4-bit loading needs bitsandbytes: pip install bitsandbytes==0.50.2") from None
+            except Exception as exc:  # noqa: BLE001 - ImportError, or its native library failing to load
+                raise ModelNotInstalled(f"4-bit loading needs a working bitsandbytes ({type(exc).__name__}: {exc}); "
+                                        "install it with: pip install bitsandbytes==0.50.2") from None
             compute = torch.float32 if self.dtype in ("float32", "auto") else getattr(torch, self.dtype)
             kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                                bnb_4bit_compute_dtype=compute)
@@ -424,6 +430,10 @@ class TransformersModel:
 
     # ------------------------------------------------------------------ prompts
     def _refuse_images(self, messages: Sequence[Message]) -> None:
+        """Raise :class:`ModelError` naming the model when a text-only one is given images.
+
+        Decided from the config alone, so a wrong pairing fails before gigabytes of weights load.
+        """
         n = sum(len(m.images) for m in messages)
         if n and self._resolve_kind() != "image-text-to-text":
             raise ModelError(
@@ -514,10 +524,31 @@ class TransformersModel:
             try:
                 self._llg_tokenizer = llguidance.hf.from_tokenizer(self._tok, n_vocab=n_vocab, eos_token=eos)
             except Exception as exc:
-                raise ModelError(f"{self.model_id}: llguidance cannot use this tokenizer "
-                                 f"({type(self._tok).__name__}; it needs a fast tokenizer, tokenizer.json): "
+                raise ModelError(f"{self.model_id}: llguidance cannot read this tokenizer "
+                                 f"({type(self._tok).__name__}; it reads a fast tokenizer's tokenizer.json whose "
+                                 f"decoder maps tokens to bytes: ByteLevel, Metaspace or ByteFallback): "
                                  f"{type(exc).__name__}: {exc}") from exc
         return self._llg_tokenizer
+
+    def schema_processor(self, schema: Mapping[str, Any], prompt_length: int) -> JsonSchemaLogitsProcessor:
+        """A fresh :class:`JsonSchemaLogitsProcessor` for one generation with this model.
+
+        Public so that callers running ``self.model.generate`` themselves (fine-tuning evaluation)
+        decode under the same constraint as :meth:`generate`.
+
+        Args:
+            schema: The JSON schema.
+            prompt_length: Prompt tokens in the ``input_ids`` that will be generated from.
+
+        Raises:
+            ModelError: llguidance cannot compile the schema, or cannot use the tokenizer.
+            ModelNotInstalled: llguidance is not installed.
+        """
+        self.load()
+        try:
+            return JsonSchemaLogitsProcessor(self._grammar_tokenizer(), schema, prompt_length)
+        except ValueError as exc:
+            raise ModelError(f"{self.model_id}: cannot constrain decoding to this schema: {exc}") from exc
 
     def generate(self, messages: Sequence[Message], schema: dict[str, Any] | None = None,
                  max_tokens: int = DEFAULT_MAX_TOKENS, temperature: float = 0.0) -> Message:
@@ -547,16 +578,15 @@ class TransformersModel:
         self._refuse_images(messages)
         self.load()
         import torch
-        from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+        from transformers import (
+            LogitsProcessorList,
+            StoppingCriteria,
+            StoppingCriteriaList,
+        )
 
         inputs = self.prepare_inputs(messages)
         prompt_len = int(inputs["input_ids"].shape[1])
-        constraint: JsonSchemaLogitsProcessor | None = None
-        if schema is not None:
-            try:
-                constraint = JsonSchemaLogitsProcessor(self._grammar_tokenizer(), schema, prompt_len)
-            except ValueError as exc:
-                raise ModelError(f"{self.model_id}: cannot constrain decoding to this schema: {exc}") from exc
+        constraint = self.schema_processor(schema, prompt_len) if schema is not None else None
         eos = self._eos_ids()
         tok = self._tok
         pad = tok.pad_token_id if tok.pad_token_id is not None else (eos[0] if eos else None)

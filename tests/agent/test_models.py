@@ -23,7 +23,6 @@ import pytest
 import agent.models as models
 import prompts
 from agent.explain import parse_answer
-from agent.hf_models import TransformersModel
 from agent.models import (
     LlamaCppModel,
     Message,
@@ -167,42 +166,6 @@ def _real_smollm2() -> Path:
 # ------------------------------------------------------------------------------ contract
 
 BACKENDS = ["llama-cpp-fake", "llama-cpp-real", "openai"]
-
-
-@pytest.fixture(scope="module")
-def tiny_transformers(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A randomly initialised 1-layer Llama and a word-level tokenizer, saved locally (no download)."""
-    pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
-
-    folder = tmp_path_factory.mktemp("tiny_llama")
-    words = ["<pad>", "</s>", "[UNK]", "anomaly", "normal", "block", "error", "disk", "E1", "E2", "the", "is"]
-    tk = Tokenizer(tok_models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", eos_token="</s>",
-                                                pad_token="<pad>")
-    fast.save_pretrained(folder)
-    cfg = transformers.LlamaConfig(vocab_size=len(words), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                   num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=4096,
-                                   eos_token_id=1, pad_token_id=0, bos_token_id=1)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
-    return folder
-
-
-def test_transformers_backend_generates_and_times_out(tiny_transformers: Path) -> None:
-    # A random model cannot produce schema-valid JSON and this backend has no constrained decoding
-    # yet, so it is held to the rest of the contract: text out, timeout -> error, settings.
-    model = TransformersModel(tiny_transformers, timeout=30)
-    reply = model.generate(MESSAGES, max_tokens=5)
-    assert reply.role == "assistant" and isinstance(reply.content, str) and model.last_usage["completion_tokens"] <= 5
-    assert isinstance(model, models.ChatModel) and model.model_id == f"transformers:{tiny_transformers.name}"
-    slow = TransformersModel(tiny_transformers, timeout=1e-6)  # past before the first token: deterministic
-    slow.load()
-    with pytest.raises(ModelTimeout):
-        slow.generate(MESSAGES, schema=SCHEMA, max_tokens=3000)
-    with pytest.raises(ModelNotInstalled, match="model folder not found"):
-        TransformersModel(tiny_transformers / "missing").load()
 
 
 def _build(kind: str, tmp_path: Path, endpoint: str, timeout: float = 30.0, slow: bool = False) -> Any:
