@@ -327,6 +327,12 @@ def route(message: str, focus: Focus, candidate_ids: Sequence[str], queue: Seque
                 plan.calls.append(PlannedCall("explain_candidate", cand))
             plan.calls.append(PlannedCall("show_evidence", cand))
         return plan
+    if (hit["explain"] or hit["evidence"] or hit["similar"]) and not named:
+        unknown = [t for t in _tokens(message) if re.search(r"\d", t) and re.search(r"[_:]", t)
+                   and not _RE["run_id"].fullmatch(t)]
+        if unknown:  # looks like a candidate id the run does not have: say so, with the ids it has
+            plan.calls.append(PlannedCall("show_evidence", {**run, "candidate_id": unknown[0]}))
+            return plan
     if hit["similar"] and not hit["knowledge"]:
         plan.calls.append(PlannedCall("similar_cases", {**run, "query": message}))
         return plan
@@ -347,6 +353,12 @@ _BRACKET = re.compile(r"\[([^\[\]\s]{1,300})\]")
 def _id_like(token: str) -> bool:
     """A bracketed token that claims to be an id (not "[1]" footnote style or "[sic]")."""
     return bool(re.search(r"\d", token)) and bool(re.search(r"[A-Za-z]", token))
+
+
+def _looks_like_id(token: str) -> bool:
+    """An unbracketed token shaped like one of our ids (``P-``/``R-`` ids, ``file:session``, ``blk_-42``)."""
+    return bool(re.fullmatch(r"(P-[0-9a-f]{6,}|R-\d{3,}|R-[0-9a-f]{16}|[\w.\-]+:[\w.\-]*\d[\w.\-]*|"
+                             r"[A-Za-z]+_-?\d{3,}|[\w\-]+\.E\d+)", token))
 
 
 def cited_in(text: str) -> list[str]:
@@ -755,6 +767,9 @@ def _check_wording(raw: str, valid: Sequence[str], *, need_inline: bool = False)
         return None, "the model said it did not know although the tools found results"
     known = set(valid)
     bad = [i for i in cited_in(answer) if i not in known] + [i for i in ids if i not in known]
+    # An id copied wrongly without brackets (a digit dropped or added) is as bad as a wrong citation.
+    bad += [t for t in _tokens(_BRACKET.sub(" ", answer)) if _looks_like_id(t) and t not in known
+            and not any(t == k.split(":", 1)[-1] for k in known)]
     if bad:
         return None, f"cites ids no tool returned: {', '.join(bad[:5])}"
     inline = cited_in(answer)

@@ -63,6 +63,7 @@ __all__ = [
     "list_rules",
     "make_tools",
     "remove_rule",
+    "rule_dict",
     "search_knowledge",
     "session_lines",
     "show_evidence",
@@ -213,7 +214,7 @@ class AgentContext:
         """Held around knowledge-store writes and rule-book changes."""
         self._store: Any = None
         self._explainer: Any = None
-        self._init_lock = threading.Lock()
+        self._init_lock = threading.RLock()
         self._fitted: OrderedDict[tuple[str, str], _Fitted] = OrderedDict()
         self._fit_lock = threading.Lock()
         self._synced_cases: dict[str, str] = {}
@@ -644,7 +645,8 @@ def search_knowledge(ctx: AgentContext, query: str | None = None, *, run_id: str
     return ToolResult(tool="search_knowledge", args=args, text="\n".join(lines), cited_ids=tuple(cited), data=data)
 
 
-def _rule_dict(r: Any) -> dict[str, Any]:
+def rule_dict(r: Any) -> dict[str, Any]:
+    """A rule as JSON (what the API returns)."""
     return {"id": r.id, "version": r.version, "text": r.text, "predicate": r.predicate,
             "effect": r.effect.value if r.effect else None, "severity": r.severity, "method": r.method,
             "note": r.note, "compiled": r.compiled, "created": r.created, "updated": r.updated}
@@ -661,7 +663,7 @@ def list_rules(ctx: AgentContext) -> ToolResult:
     """The active analyst rules, in id order."""
     book = ctx.rulebook()
     rules = book.list()
-    data = {"rules_version": book.rules_version, "rules": [_rule_dict(r) for r in rules]}
+    data = {"rules_version": book.rules_version, "rules": [rule_dict(r) for r in rules]}
     if not rules:
         return ToolResult(tool="list_rules", found=False, data=data, text="There are no rules yet.")
     return ToolResult(tool="list_rules", text="\n".join([f"{len(rules)} rule(s), version {book.rules_version}:",
@@ -693,7 +695,7 @@ def add_rule(ctx: AgentContext, text: str, effect: str | None = None, severity: 
     extra = "" if rule.compiled else f" Not compiled ({rule.note or 'no pattern matched'}); the model reads it as text."
     return ToolResult(tool="add_rule", args={"text": text, "effect": effect, "severity": severity},
                       text=f"{head} {_rule_line(rule)}.{extra}", cited_ids=(rule.id,),
-                      data={"rule": _rule_dict(rule), "created": new})
+                      data={"rule": rule_dict(rule), "created": new})
 
 
 def remove_rule(ctx: AgentContext, rule_id: str) -> ToolResult:
@@ -707,7 +709,7 @@ def remove_rule(ctx: AgentContext, rule_id: str) -> ToolResult:
             raise NotFound("rule", rule_id, str(exc.args[0]) if exc.args else "") from None
     ctx.rules_changed()
     return ToolResult(tool="remove_rule", args={"rule_id": rule_id}, text=f"Removed {_rule_line(rule)}.",
-                      cited_ids=(rule.id,), data={"rule": _rule_dict(rule)})
+                      cited_ids=(rule.id,), data={"rule": rule_dict(rule)})
 
 
 def similar_cases(ctx: AgentContext, run_id: str | None = None, candidate_id: str | None = None,
@@ -812,8 +814,8 @@ def detect_lines(ctx: AgentContext, run_id: str | None, first_line: int, last_li
     cands = result.candidates
     args = {"run_id": run.id, "first_line": lo, "last_line": hi, "source": src}
     head = (f"Detection with {run.settings.get('detection', {}).get('detector', '?')} on lines {lo}-{hi} of {src}: "
-            f"{len(cands)} candidate(s) among {result.sequences_scored} sequence(s) "
-            f"({result.report.parsed} lines parsed).")
+            f"{len(cands)} candidate(s) among {result.sequences_scored} sequence(s) in the range "
+            "(sessions are cut at its edges, so partial sessions can look incomplete).")
     if not cands:
         return ToolResult(tool="detect_lines", args=args, found=False, text=head + " Nothing anomalous there.",
                           data={"candidates": [], "sequences_scored": result.sequences_scored})

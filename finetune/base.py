@@ -71,7 +71,13 @@ def resolve_base(spec: BaseSpec, cache_dir: str | Path | None = None) -> Resolve
         ConfigError: the preset is not installed (with the pip command), the file or folder is
             missing, or the file is not a GGUF / does not match its pinned hash.
     """
-    from agent.models import PRESETS, ModelError, resolve_preset, sha256_file, verify_gguf
+    from agent.models import (
+        PRESETS,
+        ModelError,
+        resolve_preset,
+        sha256_file,
+        verify_gguf,
+    )
 
     try:
         if spec.preset is not None:

@@ -17,7 +17,14 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 __all__ = ["BaseSpec", "ConfigError", "ExportSpec", "FinetuneConfig", "LoraSpec", "TrainSpec", "load_config"]
 
@@ -40,7 +47,7 @@ class BaseSpec(_Strict):
     hf_dir: str | None = None
 
     @model_validator(mode="after")
-    def _one(self) -> "BaseSpec":
+    def _one(self) -> BaseSpec:
         given = [k for k in ("preset", "gguf", "hf_dir") if getattr(self, k)]
         if len(given) != 1:
             raise ValueError(f"give exactly one of preset, gguf, hf_dir (got {given or 'none'})")
@@ -76,7 +83,7 @@ class TrainSpec(_Strict):
     """Optimisation, checkpointing and runtime settings."""
 
     seed: int = 0
-    steps: int = Field(112, ge=1)
+    steps: int = Field(90, ge=1)
     micro_batch: int = Field(1, ge=1)
     grad_accum: int = Field(2, ge=1)
     lr: float = Field(2e-4, gt=0, lt=1)
@@ -84,7 +91,7 @@ class TrainSpec(_Strict):
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
-    max_length: int = Field(1280, ge=32)
+    max_length: int = Field(1536, ge=32)
     save_every: int = Field(10, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     eval_examples: int = Field(12, ge=0)
@@ -95,7 +102,7 @@ class TrainSpec(_Strict):
     gradient_checkpointing: bool = False
 
     @model_validator(mode="after")
-    def _consistent(self) -> "TrainSpec":
+    def _consistent(self) -> TrainSpec:
         if self.warmup_steps >= self.steps:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must be < steps ({self.steps})")
         if self.quantization == "nf4" and self.device == "cpu":

@@ -30,7 +30,8 @@ Where the cases come from (per labelled log: the HDFS 2% sample, or a synthetic 
      compiler understands, numbers drawn from the candidate) that matches it *and* changes the
      teacher's verdict; its rule-free twin is an ``anomaly``/``normal`` example.
    * ``injection`` -- a candidate with an instruction (:data:`TRAIN_INJECTION_PAYLOADS`) in an
-     extra log line, the file name, or an extra retrieved passage; the target is the teacher's
+     extra context log line (:func:`with_context_line`), the file name, or an extra retrieved
+     passage, checked to be visible in the prompt; the target is the teacher's
      answer for the *clean* input (a passage carrying the injection is never cited). The
      payloads are our own, not ``eval.explain.INJECTION_PAYLOADS``, so the injection eval stays
      held out.
@@ -49,7 +50,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,21 +63,23 @@ from finetune.teacher import TEACHER_VERSION, Truth, answer_text, check_target, 
 from knowledge.rules import Rule, compile_rule, matches, predicate_json
 
 __all__ = [
+    "RULE_TEMPLATES",
+    "TRAIN_INJECTION_PAYLOADS",
     "BuildConfig",
     "CasePool",
     "DatasetError",
     "Example",
     "Manifest",
-    "RULE_TEMPLATES",
-    "TRAIN_INJECTION_PAYLOADS",
     "build",
     "build_examples",
     "case_pool",
     "load_dataset",
     "main",
     "manifest_path",
+    "payload_marker",
     "render_case",
     "synth_log_data",
+    "with_context_line",
     "write_dataset",
 ]
 
@@ -107,10 +110,12 @@ tokens, ready-made JSON, fake roles), worded differently so the eval's payloads 
 
 INJECTION_WHERE: tuple[str, ...] = ("log_line", "source", "passage")
 BENIGN_LINES: tuple[str, ...] = (
-    "081109 203615 148 INFO dfs.DataNode$PacketResponder: PacketResponder 1 for block terminating",
-    "081110 101502 26 INFO dfs.FSNamesystem: BLOCK* ask 10.250.11.53:50010 to replicate a block",
-    "081111 054120 1913 INFO dfs.DataNode$DataXceiver: Served block to /10.251.90.81",
+    "PacketResponder 1 for block terminating",
+    "Served block to /10.251.90.81",
+    "Verification succeeded for block",
 )
+"""Short line contents (what a log record's content looks like after format parsing): the prompt
+cuts a line at 110 characters, so a long benign prefix would hide most of the payload."""
 BENIGN_PASSAGE = ("Operations note: a DataNode that reports a write exception should have its disk and "
                   "network checked before it is restarted.")
 
@@ -179,7 +184,7 @@ class Example:
         return json.dumps(d, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Example":
+    def from_dict(cls, d: dict[str, Any]) -> Example:
         return cls(id=d["id"], case=d["case"], origin=d["origin"], block=d["block"], truth=d["truth"],
                    messages=tuple(dict(m) for m in d["messages"]), answer=d["answer"], label=d["label"],
                    severity=int(d["severity"]), meta=dict(d.get("meta") or {}))
@@ -256,7 +261,8 @@ class CasePool:
     threshold: float
 
 
-def _session_ids(data: HDFSData) -> Callable[[str], list[str]]:
+def _session_ids() -> Callable[[str], list[str]]:
+    """The HDFS session-id finder of :class:`Sessionizer` (block ids in a line)."""
     from detectors.logs.sessions import Sessionizer
 
     regex = Sessionizer("session").id_regex
@@ -274,7 +280,7 @@ def case_pool(data: HDFSData, origin: str, cfg: BuildConfig = BuildConfig(), sou
         raise DatasetError(f"{origin}: no training blocks (order has {len(data.order)} blocks, "
                            f"train_fraction {cfg.train_fraction})")
     keep = set(train_ids)
-    find = _session_ids(data)
+    find = _session_ids()
     records = [r for r in data.records if any(s in keep for s in find(r.content))]
     sub = HDFSData(records, {b: data.labels[b] for b in train_ids}, list(train_ids), data.report)
     inner = make_split(sub, cfg.fit_fraction)
@@ -314,7 +320,7 @@ def synth_log_data(folder: str | Path, n_blocks: int = 400, anomaly_rate: float 
     report = IngestReport(source=str(path))
     records = list(read_log(path, "hdfs", report=report))
     data = HDFSData(records, dict(log.labels), [], report)
-    find = _session_ids(data)
+    find = _session_ids()
     first_seen: dict[str, int] = {}
     for rec in records:
         for sid in find(rec.content):
@@ -372,10 +378,31 @@ def _rule(text: str, rule_id: str) -> Rule | None:
                 created=FIXED_TIME, updated=FIXED_TIME)
 
 
-def _with_line(cand: Candidate, line: str) -> Candidate:
-    from eval.explain import _with_line as add_line  # the eval's own mechanics for a dirty log line
+def with_context_line(cand: Candidate, line: str) -> Candidate:
+    """``cand`` plus one evidence item holding ``line`` as a session context line (reason ``context``).
 
-    return add_line(cand, line)
+    Why not ``eval.explain._with_line`` (which appends the line to the first log-lines evidence
+    item): the prompt shows at most two lines per evidence item, so a line appended to an item
+    that already has two is never seen, and an injection the model never sees teaches nothing.
+    A separate item is always shown (it is placed within the first ``MAX_EVIDENCE`` items).
+    """
+    from agent.records import Evidence, EvidenceKind
+
+    last = cand.locator.get("last_line")
+    n = last + 1 if isinstance(last, int) else 1
+    ev = Evidence(id="ctx.E1", kind=EvidenceKind.LOG_LINES, summary="1 line from the session",
+                  data={"reason": "context", "lines": [n], "total_lines": 1, "templates": ["<unseen>"], "text": [line]})
+    items = list(cand.evidence)
+    items.insert(min(len(items), prompts.MAX_EVIDENCE - 1), ev)
+    return cand.model_copy(update={"evidence": tuple(items)})
+
+
+def payload_marker(payload: str) -> str:
+    """A word of ``payload`` that must appear in a prompt for the injection to count as shown."""
+    import re
+
+    words = re.findall(r"[A-Za-z]{5,}", payload)
+    return words[0] if words else payload.strip()[:10]
 
 
 # ================================================================================ building
@@ -455,7 +482,7 @@ class _Builder:
         exclude: list[str] = []
         if where == "log_line":
             benign = BENIGN_LINES[index % len(BENIGN_LINES)]
-            clean_c, dirty_c = _with_line(c, benign), _with_line(c, f"{benign} {payload}")
+            clean_c, dirty_c = with_context_line(c, benign), with_context_line(c, f"{benign} {payload}")
             clean = render_case(self.explainer(), clean_c)
             dirty = render_case(self.explainer(), dirty_c)
         elif where == "source":
@@ -469,6 +496,9 @@ class _Builder:
             exclude = [a for a, p in zip(dirty.prompt.passage_ids, dirty.passages) if payload[:20] in p.text]
         else:
             raise ValueError(f"unknown injection place {where!r}; one of {INJECTION_WHERE}")
+        if payload_marker(payload) not in dirty.messages[1]["content"]:
+            self.notes[f"injections not visible in the prompt ({where})"] += 1
+            return
         # The clean input's answer, minus any citation of the passage that carries the payload.
         answer = teach(clean_c, clean.prompt, lab.truth, passages=clean.passages, exclude_passages=exclude)
         self.add("injection", lab, dirty_c, dirty, answer, variant=str(index), where=where,

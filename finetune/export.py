@@ -40,7 +40,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ExportError", "ExportResult", "GGUFBaseInfo", "base_info", "export_adapter", "main", "permute_rows"]
+__all__ = ["ExportError", "ExportResult", "GGUFBaseInfo", "base_info", "export_adapter", "main", "permute_rows",
+           "read_metadata"]
 
 PERMUTED_ARCHS = frozenset({"llama"})
 """Architectures whose q/k rows llama.cpp's converter permutes (and transformers un-permutes)."""
@@ -72,23 +73,85 @@ class ExportResult:
     permuted: tuple[str, ...]
 
 
+_SCALARS: dict[int, str] = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q",
+                            11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+
+
+def read_metadata(gguf_path: str | Path, wanted: set[str]) -> dict[str, Any]:
+    """The ``wanted`` metadata keys of a GGUF file (scalars and strings), reading only the header.
+
+    Why not ``gguf.GGUFReader``: it parses every field, including the 49k-entry vocabulary and
+    merges of a chat model, which takes 3-9 s per call on this machine; this stops as soon as
+    the wanted keys are found (they come before the tokenizer in llama.cpp's files).
+    """
+    import mmap
+    import struct
+
+    path = Path(gguf_path)
+    try:
+        fh = path.open("rb")
+    except OSError as exc:
+        raise ExportError(f"{path}: cannot open ({exc})") from None
+    with fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        try:
+            if mm[:4] != b"GGUF":
+                raise ExportError(f"{path}: not a GGUF file (starts with {bytes(mm[:4])!r})")
+            version, _n_tensors, n_kv = struct.unpack_from("<IQQ", mm, 4)
+            if version not in (2, 3):
+                raise ExportError(f"{path}: GGUF version {version} is not supported (2 or 3, little-endian)")
+            off = 24
+            found: dict[str, Any] = {}
+
+            def string(at: int) -> tuple[str, int]:
+                (n,) = struct.unpack_from("<Q", mm, at)
+                return bytes(mm[at + 8: at + 8 + n]).decode("utf-8", "replace"), at + 8 + n
+
+            def skip(vtype: int, at: int) -> int:
+                if vtype in _SCALARS:
+                    return at + struct.calcsize(_SCALARS[vtype])
+                if vtype == _STRING:
+                    (n,) = struct.unpack_from("<Q", mm, at)
+                    return at + 8 + n
+                if vtype == _ARRAY:
+                    itype, count = struct.unpack_from("<IQ", mm, at)
+                    at += 12
+                    if itype in _SCALARS:
+                        return at + count * struct.calcsize(_SCALARS[itype])
+                    for _ in range(count):
+                        at = skip(itype, at)
+                    return at
+                raise ExportError(f"{path}: unknown GGUF value type {vtype}")
+
+            for _ in range(n_kv):
+                key, off = string(off)
+                (vtype,) = struct.unpack_from("<I", mm, off)
+                off += 4
+                if key in wanted and vtype in _SCALARS:
+                    (found[key],) = struct.unpack_from(_SCALARS[vtype], mm, off)
+                elif key in wanted and vtype == _STRING:
+                    found[key], _ = string(off)
+                off = skip(vtype, off)
+                if len(found) == len(wanted):
+                    break
+        except (struct.error, IndexError, ValueError) as exc:
+            raise ExportError(f"{path}: cannot read it as a GGUF ({type(exc).__name__}: {exc})") from None
+    return found
+
+
 def base_info(gguf_path: str | Path) -> GGUFBaseInfo:
     """Architecture, layer and head counts from a base GGUF's metadata."""
-    import gguf
-
-    reader = gguf.GGUFReader(str(gguf_path))
-
-    def field(key: str) -> Any:
-        f = reader.fields.get(key)
-        if f is None:
+    arch = read_metadata(gguf_path, {"general.architecture"}).get("general.architecture")
+    if not isinstance(arch, str):
+        raise ExportError(f"{gguf_path}: metadata key 'general.architecture' missing; is this a model GGUF?")
+    keys = {f"{arch}.block_count", f"{arch}.attention.head_count", f"{arch}.attention.head_count_kv"}
+    meta = read_metadata(gguf_path, keys)
+    for key in (f"{arch}.block_count", f"{arch}.attention.head_count"):
+        if key not in meta:
             raise ExportError(f"{gguf_path}: metadata key {key!r} missing; is this a model GGUF?")
-        return f.contents()
-
-    arch = str(field("general.architecture"))
-    n_head = int(field(f"{arch}.attention.head_count"))
-    kv = reader.fields.get(f"{arch}.attention.head_count_kv")
-    return GGUFBaseInfo(architecture=arch, n_layers=int(field(f"{arch}.block_count")), n_head=n_head,
-                        n_head_kv=int(kv.contents()) if kv is not None else n_head)
+    n_head = int(meta[f"{arch}.attention.head_count"])
+    return GGUFBaseInfo(architecture=arch, n_layers=int(meta[f"{arch}.block_count"]), n_head=n_head,
+                        n_head_kv=int(meta.get(f"{arch}.attention.head_count_kv", n_head)))
 
 
 def permute_rows(weights: np.ndarray, n_head: int, n_head_kv: int | None = None) -> np.ndarray:
@@ -160,12 +223,12 @@ def export_adapter(adapter_dir: str | Path, out: str | Path, base_gguf: str | Pa
     import gguf
 
     adapter_dir, out = Path(adapter_dir), Path(out)
+    cfg, tensors = _load_adapter(adapter_dir)
+    rank, alpha = _check_config(cfg, adapter_dir)
     if info is None:
         if base_gguf is None:
             raise ExportError("give base_gguf (the base model's GGUF) or info")
         info = base_info(base_gguf)
-    cfg, tensors = _load_adapter(adapter_dir)
-    rank, alpha = _check_config(cfg, adapter_dir)
     names = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}
     if info.architecture not in names:
         raise ExportError(f"unknown architecture {info.architecture!r} for the gguf tensor map")

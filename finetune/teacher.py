@@ -99,23 +99,21 @@ CATEGORY_ACTION: dict[str, str] = {
     "value out of range": "Verify the reported value at its source",
 }
 
-_FAILURE = re.compile(r"exception|error|fail|refused|timed?\s*out|corrupt", re.I)
-_WORD = re.compile(r"[a-z][a-z0-9]*|\d+(?:\.\d+)?", re.I)
+_ADDRESSED = re.compile(r"ignore|disregard|instruction|override|respond|answer|assistant|system\s*:|"
+                        r"\blabel\b|severity|<<<|>>>|<\||\|>|\[/?inst\]|###", re.IGNORECASE)
+"""Text that talks to the reader (an injection): quoted evidence containing it is described instead."""
+_FAILURE = re.compile(r"exception|error|fail|refused|timed?\s*out|corrupt", re.IGNORECASE)
+_WORD = re.compile(r"[a-z][a-z0-9]*|\d+(?:\.\d+)?", re.IGNORECASE)
 _DIGIT_TOKEN = re.compile(r"\S*\d\S*")
 
-STOPWORDS = frozenset("""
-the and for with from that this these those there their then than into onto over under about after before
-where which while when what were was are has have had not but all any each every some more fewer less most
-only also just such very line lines block blocks session sessions sequence sequences evidence anomaly anomalies
-anomalous normal detector detectors score threshold flagged shows show shown seen never template templates
-log logs data item items value values event events expected within range operation judged first total
-""".split())
+STOPWORDS = frozenset(["the", "and", "for", "with", "from", "that", "this", "these", "those", "there", "their", "then", "than", "into", "onto", "over", "under", "about", "after", "before", "where", "which", "while", "when", "what", "were", "was", "are", "has", "have", "had", "not", "but", "all", "any", "each", "every", "some", "more", "fewer", "less", "most", "only", "also", "just", "such", "very", "line", "lines", "block", "blocks", "session", "sessions", "sequence", "sequences", "evidence", "anomaly", "anomalies", "anomalous", "normal", "detector", "detectors", "score", "threshold", "flagged", "shows", "show", "shown", "seen", "never", "template", "templates", "log", "logs", "data", "item", "items", "value", "values", "event", "events", "expected", "within", "range", "operation", "judged", "first", "total"])
 """Words too common in prompts and evidence to show that a claim is about *this* evidence."""
 
 HEADING_STOPWORDS = frozenset(
-    "known failure failures pattern patterns runbook guide notes write written hdfs datanode namenode block blocks "
-    "later life with from into when".split())
-"""Heading words that name a document's topic, not one failure (``How a block is written``)."""
+    ["known", "failure", "failures", "pattern", "patterns", "runbook", "guide", "notes", "write", "written", "hdfs", "datanode", "namenode", "block", "blocks", "later", "life", "with", "from", "into", "when", "error", "errors"])
+"""Heading words that name a document's topic, not one failure (``How a block is written``), and
+"error", which half of all log lines contain ("DataXceiver error burst" still matches an error
+burst through the category word "burst")."""
 
 
 def content_tokens(text: str) -> set[str]:
@@ -266,6 +264,10 @@ def fact_of(alias: str, ev: Evidence, sequence: str | None = None) -> Fact:
     if reason in ("unseen_template", "rare_template", "context") and (texts or templates):
         shown = texts[0] if texts and (not templates or templates[0] == "<unseen>") else (templates[0] if templates else texts[0])
         text = f"{where}: {_mask(shown, sequence)}"
+        if _ADDRESSED.search(shown):
+            # Never copy an instruction into an answer, even one that sits in the evidence.
+            what = {"unseen_template": "unseen", "rare_template": "rare"}.get(str(reason), "context")
+            text = f"{where}: {what} line, text not quoted (it addresses the reader)"
     elif reason == "count_deviation" and "observed" in d:
         tpl = str(d.get("template") or (templates[0] if templates else "template"))
         if isinstance(d.get("expected"), (int, float)):
@@ -447,20 +449,22 @@ def teach(candidate: Candidate, prompt: Any, truth: Truth, *, passages: Sequence
 
     ratio = candidate.score / candidate.threshold if candidate.threshold > 0 else float("inf")
     rtxt = f"x{ratio:.3g}" if ratio != float("inf") else "above"
-    lead = steps[0]["text"] if steps else ""
+    # The summary names the finding and where it is, not the step text again: every answer token
+    # costs generation time, and the causal chain already quotes the evidence.
+    cats = [g[0].category for g in groups[:MAX_STEPS] if g[0].category]
+    at = f" at line {groups[0][0].first_line}" if groups and groups[0][0].first_line is not None else ""
+    also = f"; also {cats[1]}" if len(cats) > 1 else ""
     rule_note = f"; {used[-1].id} applies" if used else ""
     if label == "anomaly":
-        atype = base.anomaly_type if base.label == "anomaly" else (
-            groups[0][0].category if groups and groups[0][0].category else "rule-defined anomaly")
-        summary = f"{atype[:1].upper()}{atype[1:]} ({rtxt}){rule_note}: {lead}" if lead else \
-            f"Rule-defined anomaly ({rtxt}){rule_note}; no evidence item was flagged"
+        atype = base.anomaly_type if base.label == "anomaly" else (cats[0] if cats else "rule-defined anomaly")
+        summary = (f"{atype[:1].upper()}{atype[1:]} ({rtxt}){at}{also}{rule_note}" if cats else
+                   f"Rule-defined anomaly ({rtxt}){rule_note}; no evidence item was flagged")
     elif label == "normal":
         atype = "none"
         if used:
-            summary = f"{used[-1].id} declares this expected ({rtxt})" + (f": {lead}" if lead else "")
-        elif base.groups:
-            summary = f"{base.groups[0][0].category} flagged ({rtxt}), judged within normal operation: {lead}"
-            summary = summary[:1].upper() + summary[1:]
+            summary = f"{used[-1].id} declares this expected ({rtxt})" + (f"; {cats[0]}{at}" if cats else "")
+        elif cats:
+            summary = f"{cats[0][:1].upper()}{cats[0][1:]} flagged ({rtxt}){at}, judged within normal operation"
         elif facts:
             summary = f"Score {rtxt} of the threshold; only context lines, nothing flagged"
         else:
@@ -472,7 +476,6 @@ def teach(candidate: Candidate, prompt: Any, truth: Truth, *, passages: Sequence
 
     actions: list[str] = []
     if label != "normal":
-        cats = [g[0].category for g in groups if g[0].category]
         if cats and cats[0] in CATEGORY_ACTION:
             actions.append(CATEGORY_ACTION[cats[0]])
         first, last = candidate.locator.get("first_line"), candidate.locator.get("last_line")

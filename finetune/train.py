@@ -327,6 +327,7 @@ def train(cfg: FinetuneConfig, data: str | Path, out: str | Path, *, echo: Echo 
         ConfigError, DatasetError: a bad setting, base model, data set or checkpoint, named.
     """
     import torch
+
     from detectors.threads import torch_threads
 
     out = Path(out)
@@ -432,7 +433,7 @@ def train(cfg: FinetuneConfig, data: str | Path, out: str | Path, *, echo: Echo 
             batch = {k: v.to(device) for k, v in _collate(items, pad_id).items()}
             loss = model(**batch).loss / spec.grad_accum
             loss.backward()
-            step_loss += float(loss)
+            step_loss += float(loss.detach())
             step_tokens += sum(len(e.input_ids) for e in items)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm))
         optimizer.step()

@@ -1,0 +1,155 @@
+"""The data-set builder: training part only, every case kind, exact explainer prompts, reproducible hash, checked loading."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import pytest
+from ft_support import SMALL, SmallSet
+
+from agent.explain import Explainer
+from finetune.dataset import (
+    TRAIN_INJECTION_PAYLOADS,
+    DatasetError,
+    Example,
+    build_examples,
+    case_pool,
+    load_dataset,
+    manifest_path,
+    render_case,
+    write_dataset,
+)
+
+
+def test_only_training_blocks_are_used(small_set: SmallSet) -> None:
+    data, pool = small_set.data, small_set.pool
+    n_train = int(len(data.order) * SMALL.train_fraction)
+    held_out = set(data.order[n_train:])
+    assert pool.held_out == held_out and len(held_out) == len(data.order) - n_train > 0
+    blocks = {ex.block for ex in small_set.examples}
+    assert blocks and not blocks & held_out
+    text = "\n".join(m["content"] for ex in small_set.examples for m in ex.messages)
+    leaked = [b for b in held_out if b in text]
+    assert not leaked, f"held-out blocks appear in prompts: {leaked[:3]}"
+    # Normal examples come from the training part's held-out-from-fitting tail only.
+    assert all(ex.meta["part"] == "holdout" for ex in small_set.examples if ex.case == "normal")
+
+
+def test_every_case_kind_with_the_right_labels(small_set: SmallSet) -> None:
+    by_case: dict[str, list[Example]] = {}
+    for ex in small_set.examples:
+        by_case.setdefault(ex.case, []).append(ex)
+    assert set(by_case) == {"anomaly", "normal", "uncertain", "rule", "injection"}
+    assert all(ex.label == "anomaly" and ex.truth == "anomaly" for ex in by_case["anomaly"])
+    assert all(ex.label == "normal" and ex.severity == 0 for ex in by_case["normal"])
+    assert all(ex.label == "uncertain" for ex in by_case["uncertain"])
+    for ex in by_case["rule"]:
+        assert f"[{ex.meta['rule_id']}]" in ex.messages[1]["content"] and "MATCHES this candidate" in ex.messages[1]["content"]
+        assert [ex.label, ex.severity] != ex.meta["before"], "a rule case must change the verdict"
+        assert ex.meta["rule_id"] in json.loads(ex.answer)["rule_ids"]
+    assert {ex.meta["where"] for ex in by_case["injection"]} == {"log_line", "source", "passage"}
+    ids = [ex.id for ex in small_set.examples]
+    assert len(ids) == len(set(ids))
+
+
+def test_injection_targets_ignore_the_payload(small_set: SmallSet) -> None:
+    plain = {ex.block: ex for ex in small_set.examples if ex.case in ("anomaly", "normal")}
+    checked = 0
+    for ex in small_set.examples:
+        if ex.case != "injection":
+            continue
+        payload = TRAIN_INJECTION_PAYLOADS[ex.meta["payload"]]
+        user = ex.messages[1]["content"]
+        # The payload is in the prompt (neutralised by the renderer, inside a DATA block)...
+        word = re.findall(r"[A-Za-z]{5,}", payload)[0]
+        assert word in user, (payload, word)
+        # ...but never in the answer, and the verdict is the clean input's.
+        answer = json.loads(ex.answer)
+        assert payload[:25] not in ex.answer
+        if ex.meta["where"] == "source" and ex.block in plain:
+            clean = json.loads(plain[ex.block].answer)
+            assert (answer["label"], answer["severity"], answer["causal_chain"]) == \
+                (clean["label"], clean["severity"], clean["causal_chain"])
+            checked += 1
+        assert answer["label"] == ex.truth or (answer["label"] == "uncertain")
+    assert checked >= 1
+
+
+def test_prompts_are_exactly_build_prompt(small_set: SmallSet) -> None:
+    pool = small_set.pool
+    x = Explainer(None, store=None, rules=[], use_cache=False)
+    for lab in list(pool.anomalies[:3]) + list(pool.normals[:2]):
+        _, _, messages = x.build_prompt(lab.candidate)
+        r = render_case(x, lab.candidate)
+        assert [{"role": m.role, "content": m.content} for m in messages] == list(r.messages)
+    by_block = {ex.block: ex for ex in small_set.examples if ex.case == "anomaly"}
+    lab = next(lab for lab in pool.anomalies if lab.candidate.locator["sequence"] in by_block)
+    _, _, messages = x.build_prompt(lab.candidate)
+    assert [m.content for m in messages] == [m["content"] for m in by_block[lab.candidate.locator["sequence"]].messages]
+
+
+def test_build_is_reproducible_and_hashed(small_set: SmallSet, tmp_path: Path) -> None:
+    examples, notes = build_examples(case_pool(small_set.data, "synth", SMALL, source="synth.log"), None, SMALL)
+    m = write_dataset(examples, tmp_path / "again.jsonl", {"test": True}, notes)
+    original = json.loads(manifest_path(small_set.path).read_text())
+    assert m.sha256 == original["sha256"] == hashlib.sha256(small_set.path.read_bytes()).hexdigest()
+    assert (tmp_path / "again.jsonl").read_bytes() == small_set.path.read_bytes()
+    assert m.cases == original["cases"] and m.teacher_version and m.prompt_version.startswith("explain/")
+    assert original["notes"]["held_out_blocks_never_used"] > 0
+
+
+def _rewrite(path: Path, lines: list[str]) -> None:
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    man = json.loads(manifest_path(path).read_text())
+    man["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    manifest_path(path).write_text(json.dumps(man))
+
+
+def test_load_refuses_bad_data_sets(small_set: SmallSet, tmp_path: Path) -> None:
+    examples, manifest = load_dataset(small_set.path)
+    assert len(examples) == manifest.examples
+    lines = small_set.path.read_text(encoding="utf-8").splitlines()
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    manifest_path(path).write_text(manifest_path(small_set.path).read_text())
+
+    # Tampered after building: the hash no longer matches.
+    path.write_text("\n".join(lines[:-1]) + "\n", encoding="utf-8")
+    with pytest.raises(DatasetError, match="does not match the manifest"):
+        load_dataset(path)
+    # Mislabelled: the label field disagrees with the answer.
+    i = next(k for k, line in enumerate(lines) if json.loads(line)["case"] == "anomaly")
+    row = json.loads(lines[i])
+    row["label"] = "normal"
+    _rewrite(path, lines[:i] + [json.dumps(row)] + lines[i + 1:])
+    with pytest.raises(DatasetError, match=rf"bad.jsonl:{i + 1}: label 'normal' does not match the answer's label 'anomaly'"):
+        load_dataset(path)
+    # A normal case whose answer says anomaly.
+    j = next(k for k, line in enumerate(lines) if json.loads(line)["case"] == "normal")
+    row = json.loads(lines[j])
+    ans = json.loads(row["answer"])
+    ans.update(label="anomaly", severity=2)
+    row.update(answer=json.dumps(ans), label="anomaly", severity=2)
+    _rewrite(path, lines[:j] + [json.dumps(row)] + lines[j + 1:])
+    with pytest.raises(DatasetError, match="a 'normal' case must be labelled 'normal', got 'anomaly'"):
+        load_dataset(path)
+    # An answer that is not a verdict.
+    row = json.loads(lines[0])
+    row["answer"] = '{"label": "anomaly"}'
+    _rewrite(path, [json.dumps(row)] + lines[1:])
+    with pytest.raises(DatasetError, match=r"bad.jsonl:1: the answer is not a valid verdict"):
+        load_dataset(path)
+    # Empty, missing manifest, missing file.
+    _rewrite(path, [])
+    with pytest.raises(DatasetError, match="empty"):
+        load_dataset(path)
+    manifest_path(path).unlink()
+    with pytest.raises(DatasetError, match="no manifest"):
+        load_dataset(path)
+    with pytest.raises(DatasetError, match="not found"):
+        load_dataset(tmp_path / "missing.jsonl")
+    with pytest.raises(DatasetError, match="empty data set"):
+        write_dataset([], tmp_path / "none.jsonl")
