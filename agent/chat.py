@@ -67,7 +67,8 @@ HISTORY_TURNS = 2
 """Earlier user/assistant exchanges given to a model as context."""
 MAX_CITABLE_IDS = 40
 """The model's cited_ids enum is cut to this many (the first ids the tools returned)."""
-WORDING_MAX_TOKENS = 200
+WORDING_MAX_TOKENS = 160
+WORDING_MAX_CHARS = 320
 
 ROUTED_SYSTEM = (
     "You help an analyst who investigates anomalies in logs and telemetry. Answer the analyst's question "
@@ -178,25 +179,25 @@ class Focus:
 # ============================================================================ routing
 
 _RE = {
-    "add_rule": re.compile(r"\b(add|create|new|make|define|save)\b[^?!]*?\brules?\b", re.I),
-    "rules": re.compile(r"\brules?\b", re.I),
-    "range": re.compile(r"\blines?\s+(\d+)\s*(?:-|–|—|to|\.\.|through|until)\s*(\d+)", re.I),
-    "detect": re.compile(r"\b(re-?run|re-?detect|detect\w*|scan|re-?scan|re-?check|check)\b", re.I),
+    "add_rule": re.compile(r"\b(add|create|new|make|define|save)\b[^?!]*?\brules?\b", re.IGNORECASE),
+    "rules": re.compile(r"\brules?\b", re.IGNORECASE),
+    "range": re.compile(r"\blines?\s+(\d+)\s*(?:-|–|—|to|\.\.|through|until)\s*(\d+)", re.IGNORECASE),
+    "detect": re.compile(r"\b(re-?run|re-?detect|detect\w*|scan|re-?scan|re-?check|check)\b", re.IGNORECASE),
     "similar": re.compile(r"\b(similar|past cases?|previous(ly)?|seen (this|it|that|something like)|before|"
-                          r"precedents?|like (this|that|it)|happened before|look(s)? like)\b", re.I),
+                          r"precedents?|like (this|that|it)|happened before|look(s)? like)\b", re.IGNORECASE),
     "explain": re.compile(r"\b(explain\w*|why|verdict|causes?d?|root cause|what happened|what went wrong|"
-                          r"anomal\w*|how (bad|severe|serious)|severity of|is (it|this|that) (bad|normal|real))\b", re.I),
-    "evidence": re.compile(r"\b(evidence|lines?|log lines|show|details?|flagged|what did)\b", re.I),
+                          r"anomal\w*|how (bad|severe|serious)|severity of|is (it|this|that) (bad|normal|real))\b", re.IGNORECASE),
+    "evidence": re.compile(r"\b(evidence|lines?|log lines|show|details?|flagged|what did)\b", re.IGNORECASE),
     "list": re.compile(r"\b(list|top|worst|highest|most (severe|anomalous|critical)|queue|which|how many|all|"
-                       r"rank\w*|overview)\b", re.I),
-    "list_noun": re.compile(r"\b(candidates|anomalies|alerts|sessions|blocks|findings)\b", re.I),
+                       r"rank\w*|overview)\b", re.IGNORECASE),
+    "list_noun": re.compile(r"\b(candidates|anomalies|alerts|sessions|blocks|findings)\b", re.IGNORECASE),
     "knowledge": re.compile(r"\b(runbooks?|documents?|documentation|docs?|manuals?|guides?|procedures?|knowledge|"
                             r"passages?|how (do|to|should|can|would)|what (is|are|does|do|causes?)|recommend\w*|"
-                            r"fix\w*|remed\w*|mitigat\w*|steps?)\b", re.I),
-    "pronoun": re.compile(r"\b(this|that|it|its|the same|this one|that one|the candidate)\b", re.I),
-    "ordinal": re.compile(r"(?:#|\bnumber\s+|\bcandidate\s+(?:no\.?\s*)?)(\d{1,4})\b", re.I),
-    "first": re.compile(r"\b(the )?(worst|top|first|most severe|highest)( one| candidate)?\b", re.I),
-    "limit": re.compile(r"\b(?:top|first|worst)\s+(\d{1,3})\b|\b(\d{1,3})\s+(?:worst|most severe|top|candidates)\b", re.I),
+                            r"fix\w*|remed\w*|mitigat\w*|steps?)\b", re.IGNORECASE),
+    "pronoun": re.compile(r"\b(this|that|it|its|the same|this one|that one|the candidate)\b", re.IGNORECASE),
+    "ordinal": re.compile(r"(?:#|\bnumber\s+|\bcandidate\s+(?:no\.?\s*)?)(\d{1,4})\b", re.IGNORECASE),
+    "first": re.compile(r"\b(the )?(worst|top|first|most severe|highest)( one| candidate)?\b", re.IGNORECASE),
+    "limit": re.compile(r"\b(?:top|first|worst)\s+(\d{1,3})\b|\b(\d{1,3})\s+(?:worst|most severe|top|candidates)\b", re.IGNORECASE),
     "run_id": re.compile(r"\bR-[0-9a-f]{16}\b"),
     "quoted": re.compile(r"[\"“”'‘’]([^\"“”‘’]{3,1000})[\"“”'‘’]"),
 }
@@ -230,7 +231,7 @@ def _rule_text(message: str) -> str:
         return m.group(1).strip()
     if ":" in message:
         return message.split(":", 1)[1].strip().strip("\"'“”")
-    m = re.search(r"\brules?\s+(?:that|saying|which says)\s+(.{3,})$", message, re.I)
+    m = re.search(r"\brules?\s+(?:that|saying|which says)\s+(.{3,})$", message, re.IGNORECASE)
     return m.group(1).strip() if m else ""
 
 
@@ -385,13 +386,13 @@ class ChatAgent:
     Args:
         ctx: The tools' context (database, store, rules, model lock).
         model: An :class:`agent.models.ChatModel` that words the answers, or None (the tools'
-            deterministic text is the answer). Defaults to ``ctx.model``; pass ``model=None``
-            explicitly via ``word_with_model=False`` to keep explanations model-made but chat
-            answers deterministic.
+            deterministic text is the answer). Defaults to ``ctx.model``, the explainer's model.
+        word_with_model: False never uses a model for chat answers (explanations made by the
+            ``explain_candidate`` tool still use ``ctx.model``): fast, deterministic chat with
+            model-made verdicts.
         mode: ``routed`` (patterns pick the tools), ``native`` (the model calls the tools; needs
             an OpenAI-compatible endpoint) or ``auto`` (native for an
             :class:`agent.models.OpenAICompatibleModel`, else routed).
-        word_with_model: False never uses the model for wording.
     """
 
     def __init__(self, ctx: AgentContext, model: Any = "ctx", *, mode: str = "auto",
@@ -487,8 +488,7 @@ class ChatAgent:
         if self.mode == "native":
             out: dict[str, str] = {}
             try:
-                for event in self._native(message, focus, history, calls, out):
-                    yield event
+                yield from self._native(message, focus, history, calls, out)
                 content = out["content"]
                 worded_by = "model-tools"
                 native_done = True
@@ -572,24 +572,26 @@ class ChatAgent:
               calls: Sequence[ToolCallInfo]) -> tuple[str | None, str]:
         """Ask the model to word the answer from the tool results; (text, "") or (None, why not)."""
         from agent.models import Message, ModelError
-        from prompts import neutralise
 
         valid = list(dict.fromkeys(i for c in calls if c.ok for i in c.cited_ids))
         if not valid:
             return None, "the tools returned no citable id"
+        aliases = IdAliases(valid[:MAX_CITABLE_IDS])
         nonce = secrets.token_hex(4)
-        results = "\n\n".join(f"[{c.name}]\n{_flat_block(c.text)}" for c in calls if c.ok)
+        results = "\n\n".join(f"[{c.name}]\n{_flat_block(aliases.shorten(c.text))}" for c in calls if c.ok)
         user = (f"Question:\n<<<DATA {nonce} question>>>\n{_flat_block(message)}\n<<<END DATA {nonce}>>>\n\n"
                 f"Tool results:\n<<<DATA {nonce} tools>>>\n{results}\n<<<END DATA {nonce}>>>\n\n"
-                "Answer the question from the tool results, citing ids in square brackets.")
+                f"Answer the question from the tool results, citing ids in square brackets "
+                f"({', '.join(aliases.short[:8])}{', ...' if len(aliases.short) > 8 else ''}).")
         msgs = [Message(role="system", content=ROUTED_SYSTEM)]
         for prev in _recent_turns(history, HISTORY_TURNS):
-            msgs.append(Message(role=prev.role.value, content=neutralise(prev.content[:600])))  # type: ignore[arg-type]
+            msgs.append(Message(role=prev.role.value,  # type: ignore[arg-type]
+                                content=_flat_block(aliases.shorten(prev.content[:600]))))
         msgs.append(Message(role="user", content=user))
         schema = {"type": "object", "additionalProperties": False, "required": ["answer", "cited_ids"],
-                  "properties": {"answer": {"type": "string", "minLength": 1, "maxLength": 600},
-                                 "cited_ids": {"type": "array", "minItems": 1, "maxItems": 6,
-                                               "items": {"type": "string", "enum": valid[:MAX_CITABLE_IDS]}}}}
+                  "properties": {"answer": {"type": "string", "minLength": 1, "maxLength": WORDING_MAX_CHARS},
+                                 "cited_ids": {"type": "array", "minItems": 1, "maxItems": 4,
+                                               "items": {"type": "string", "enum": aliases.short}}}}
         try:
             with self.ctx.model_lock:
                 reply = self.model.generate(msgs, schema=schema, max_tokens=WORDING_MAX_TOKENS, temperature=0.0)
@@ -598,13 +600,23 @@ class ChatAgent:
         except Exception as exc:  # a crashing backend must not lose the answer: the tools' text stands
             log.warning("chat wording crashed: %s", exc)
             return None, f"model crashed: {type(exc).__name__}"
-        return _check_wording(reply.content, valid)
+        try:
+            restored = aliases.restore_answer(reply.content)
+        except ValueError as exc:
+            return None, str(exc)
+        return _check_wording(restored, valid)
 
     # ------------------------------------------------------------------ native
     def _native(self, message: str, focus: Focus, history: Sequence[ChatMessage],
                 calls: list[ToolCallInfo], out: dict[str, str]) -> Iterator[ChatEvent]:
         """The model calls the tools itself; raises :class:`_NativeFallback` to route the turn instead."""
-        from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage, ToolMessage
+        from langchain_core.messages import (
+            AIMessage,
+            BaseMessage,
+            HumanMessage,
+            SystemMessage,
+            ToolMessage,
+        )
         from langchain_core.utils.function_calling import convert_to_openai_tool
 
         from agent.tools import make_tools
@@ -753,6 +765,66 @@ def _evidence_only(call: ToolCallInfo) -> str:
     return "\n".join(lines)
 
 
+class IdAliases:
+    """Short stand-ins for long ids in a model's prompt (``C1`` for a candidate, ``E1`` evidence,
+    ``P1`` passage; rule ids are short already), mapped back before the answer is checked.
+
+    Why: a 135M model copies ``test.log:blk_-1568714618543942229`` badly and slowly, and every
+    long id in the answer schema's enum costs grammar work on every token; the explainer's prompt
+    uses the same trick (``prompts.RenderedPrompt.aliases``).
+    """
+
+    def __init__(self, ids: Sequence[str]) -> None:
+        self.to_short: dict[str, str] = {}
+        counts: dict[str, int] = {}
+        for real in dict.fromkeys(ids):
+            if re.fullmatch(r"R-\d{3,}", real):
+                short = real
+            else:
+                kind = "P" if real.startswith("P-") else "E" if re.search(r"(^|\.)E\d+$", real) else \
+                    "C" if ":" in real else "X"
+                counts[kind] = counts.get(kind, 0) + 1
+                short = f"{kind}{counts[kind]}"
+            self.to_short[real] = short
+        self.to_real = {v: k for k, v in self.to_short.items()}
+        self.short = list(self.to_short.values())
+
+    def shorten(self, text: str) -> str:
+        """``text`` with every bracketed known id replaced by its alias."""
+        return _BRACKET.sub(lambda m: f"[{self.to_short.get(m.group(1), m.group(1))}]", text)
+
+    def restore_answer(self, raw: str) -> str:
+        """The model's JSON answer with aliases mapped back to real ids (bare aliases get brackets).
+
+        Raises:
+            ValueError: Not the JSON object asked for.
+        """
+        try:
+            obj = json.loads(raw)
+            answer = str(obj.get("answer") or "")
+            ids = [str(i) for i in obj.get("cited_ids") or []]
+        except (ValueError, AttributeError):
+            raise ValueError("the answer is not the JSON asked for") from None
+        answer = _BRACKET.sub(lambda m: f"[{self.to_real.get(m.group(1), m.group(1))}]", answer)
+        bare = re.compile(r"(?<![\[\w-])(" + "|".join(re.escape(a) for a in sorted(self.to_real, key=len, reverse=True))
+                          + r")(?![\]\w-])") if self.to_real else None
+        if bare is not None:
+            answer = bare.sub(lambda m: f"[{self.to_real[m.group(1)]}]", answer)
+        return json.dumps({"answer": answer, "cited_ids": [self.to_real.get(i, i) for i in ids]})
+
+
+def _degenerate(text: str, n: int = 4, times: int = 3) -> bool:
+    """True when some run of ``n`` words occurs ``times`` times or more: a looping generation."""
+    words = re.findall(r"\w+", text.lower())
+    seen: dict[tuple[str, ...], int] = {}
+    for i in range(len(words) - n + 1):
+        gram = tuple(words[i:i + n])
+        seen[gram] = seen.get(gram, 0) + 1
+        if seen[gram] >= times:
+            return True
+    return False
+
+
 def _check_wording(raw: str, valid: Sequence[str], *, need_inline: bool = False) -> tuple[str | None, str]:
     """Accept a model's answer only if it cites, and cites only, ids the tools returned."""
     try:
@@ -765,6 +837,8 @@ def _check_wording(raw: str, valid: Sequence[str], *, need_inline: bool = False)
         return None, "empty answer"
     if answer.lower().startswith(("i don't know", "i do not know")):
         return None, "the model said it did not know although the tools found results"
+    if _degenerate(answer):
+        return None, "the answer repeats itself (a small model looping)"
     known = set(valid)
     bad = [i for i in cited_in(answer) if i not in known] + [i for i in ids if i not in known]
     # An id copied wrongly without brackets (a digit dropped or added) is as bad as a wrong citation.

@@ -159,6 +159,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.what == "api":
+        from eval.api_bench import bench_api
+
+        r = bench_api(duration_s=args.duration, clients=args.clients, out=args.out)
+        return 0 if r["meets_target"] else 1
     if args.what == "explain":
         from eval.explain_bench import bench_explain
 
@@ -410,7 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_detect)
 
     e = sub.add_parser("eval", help="measure on public labelled data")
-    e.add_argument("what", choices=["logs", "timeseries", "explain"])
+    e.add_argument("what", choices=["logs", "timeseries", "explain", "finetune"],
+                   help="finetune: base vs tuned explainer on held-out cases (its own options: eval finetune --help)")
     e.add_argument("--data-dir", required=_env("data_dir", None) is None, default=_env("data_dir", None))
     e.add_argument("--out", default=_env("eval_out", None))
     e.add_argument("--detectors", default=None, help="comma-separated subset")
@@ -427,12 +433,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_eval)
 
     b = sub.add_parser("bench", help="throughput and memory as ratios measured in one run")
-    b.add_argument("what", choices=["logs", "timeseries", "explain"])
+    b.add_argument("what", choices=["logs", "timeseries", "explain", "api"])
     b.add_argument("file", nargs="?", help="logs: the log file (default: the bundled demo sample)")
     add_log_options(b)
     b.add_argument("--memory-factor", type=int, default=_env("memory_factor", 10))
     b.add_argument("--model", default=_env("model", "smollm2-135m"), help="explain: the llama.cpp preset")
     b.add_argument("--repeats", type=int, default=1, help="explain: passes over the synthetic candidates")
+    b.add_argument("--duration", type=float, default=15.0, help="api: seconds of load")
+    b.add_argument("--clients", type=int, default=50, help="api: concurrent clients")
     b.add_argument("--out", default=None)
     b.set_defaults(func=cmd_bench)
 
@@ -464,11 +472,21 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", default=_env("explain_out", None), help="write verdicts as JSON lines")
     x.set_defaults(func=cmd_explain)
 
+    from agent import api as api_cmd
     from agent import report as report_cmd
+
+    sv = sub.add_parser("serve", help="HTTP API and web interface for analysts (bearer token)")
+    api_cmd.add_arguments(sv)
+    sv.set_defaults(func=api_cmd.serve)
 
     rp = sub.add_parser("report", help="explain every candidate into one resumable HTML/JSON/CSV report")
     report_cmd.add_arguments(rp)
     rp.set_defaults(func=report_cmd.run)
+
+    for words, helptext in (("finetune", "LoRA fine-tuning of the explainer model (--config --data --out; see finetune/)"),
+                            ("finetune-data", "build the fine-tuning data set from the training part of labelled logs"),
+                            ("finetune-export", "convert a peft LoRA adapter to a GGUF LoRA for llama.cpp")):
+        sub.add_parser(words, help=helptext, add_help=False)  # handled by PASS_THROUGH in main()
 
     m = sub.add_parser("demo", help="run the main job on the bundled sample")
     m.add_argument("--sample", default=_env("sample", str(DEMO_DIR)))
@@ -482,8 +500,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Subcommands whose options live with their module (fine-tuning has many): the rest of the
+# command line is handed to the module's own ``main``.
+PASS_THROUGH = {"finetune": "finetune.train", "finetune-data": "finetune.dataset",
+                "finetune-export": "finetune.export", "eval finetune": "finetune.evaluate"}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the process exit status."""
+    import importlib
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for words, module in PASS_THROUGH.items():
+        n = len(words.split())
+        if argv[:n] == words.split():
+            return int(importlib.import_module(module).main(argv[n:]) or 0)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

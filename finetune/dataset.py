@@ -69,6 +69,7 @@ __all__ = [
     "CasePool",
     "DatasetError",
     "Example",
+    "ExtraPassageStore",
     "Manifest",
     "build",
     "build_examples",
@@ -79,6 +80,7 @@ __all__ = [
     "payload_marker",
     "render_case",
     "synth_log_data",
+    "training_rule",
     "with_context_line",
     "write_dataset",
 ]
@@ -331,7 +333,7 @@ def synth_log_data(folder: str | Path, n_blocks: int = 400, anomaly_rate: float 
 
 # ================================================================================ rendering
 
-class _ExtraPassage:
+class ExtraPassageStore:
     """A store wrapper: the base store's passages plus one extra passage (clean or injected)."""
 
     def __init__(self, base: Any, text: str) -> None:
@@ -368,8 +370,12 @@ def render_case(explainer: Explainer, candidate: Candidate) -> Rendered:
     return Rendered(prompt, schema, tuple({"role": m.role, "content": m.content} for m in messages), tuple(passages))
 
 
-def _rule(text: str, rule_id: str) -> Rule | None:
-    """A compiled :class:`Rule` record for ``text`` (None when the compiler cannot compile it)."""
+def training_rule(text: str, rule_id: str) -> Rule | None:
+    """A compiled :class:`Rule` record for ``text`` (None when the compiler cannot compile it).
+
+    Built directly (not through a :class:`RuleBook`, which stamps the current time and persists
+    to disk) so that the data set is byte-identical across builds.
+    """
     c = compile_rule(text)
     if c.predicate is None or c.effect is None:
         return None
@@ -408,6 +414,8 @@ def payload_marker(payload: str) -> str:
 # ================================================================================ building
 
 class _Builder:
+    """Collects the examples of one labelled log; every target is checked against its prompt's schema."""
+
     def __init__(self, store: Any, cfg: BuildConfig, origin: str) -> None:
         self.store = store
         self.cfg = cfg
@@ -422,7 +430,8 @@ class _Builder:
     def add(self, case: str, lab: Labelled, cand: Candidate, rendered: Rendered, answer: dict[str, Any],
             variant: str = "", **meta: Any) -> Example:
         check_target(answer, rendered.prompt, rendered.schema)
-        ex_id = f"{self.origin}:{lab.candidate.locator.get('sequence', lab.candidate.id)}:{case}" + (f":{variant}" if variant else "")
+        block = lab.candidate.locator.get("sequence", lab.candidate.id)
+        ex_id = f"{self.origin}:{block}:{case}" + (f":{variant}" if variant else "")
         if ex_id in self.ids:
             raise AssertionError(f"duplicate example id {ex_id}")
         self.ids.add(ex_id)
@@ -459,7 +468,7 @@ class _Builder:
         order = list(RULE_TEMPLATES)
         rng.shuffle(order)
         for tpl in order:
-            rule = _rule(tpl.format(**values), f"R-{rng.randint(1, 40):03d}")
+            rule = training_rule(tpl.format(**values), f"R-{rng.randint(1, 40):03d}")
             if rule is None:
                 self.notes["rule templates not compiled"] += 1
                 continue
@@ -491,8 +500,8 @@ class _Builder:
             dirty = render_case(self.explainer(), dirty_c)
         elif where == "passage":
             clean_c = dirty_c = c
-            clean = render_case(self.explainer(store=_ExtraPassage(self.store, BENIGN_PASSAGE)), c)
-            dirty = render_case(self.explainer(store=_ExtraPassage(self.store, f"{BENIGN_PASSAGE}\n{payload}")), c)
+            clean = render_case(self.explainer(store=ExtraPassageStore(self.store, BENIGN_PASSAGE)), c)
+            dirty = render_case(self.explainer(store=ExtraPassageStore(self.store, f"{BENIGN_PASSAGE}\n{payload}")), c)
             exclude = [a for a, p in zip(dirty.prompt.passage_ids, dirty.passages) if payload[:20] in p.text]
         else:
             raise ValueError(f"unknown injection place {where!r}; one of {INJECTION_WHERE}")
@@ -691,7 +700,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, default in asdict(BuildConfig()).items():
         if name in ("train_fraction", "fit_fraction", "seed"):
             continue
-        ap.add_argument(f"--{name.replace('_', '-')}", type=int, default=default, help=f"at most this many (default {default})")
+        ap.add_argument(f"--{name.replace('_', '-')}", type=int, default=default,
+                        help=f"at most this many (default {default})")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
     if a.data_dir is None and a.synth <= 0:

@@ -104,13 +104,20 @@ _ADDRESSED = re.compile(r"ignore|disregard|instruction|override|respond|answer|a
 """Text that talks to the reader (an injection): quoted evidence containing it is described instead."""
 _FAILURE = re.compile(r"exception|error|fail|refused|timed?\s*out|corrupt", re.IGNORECASE)
 _WORD = re.compile(r"[a-z][a-z0-9]*|\d+(?:\.\d+)?", re.IGNORECASE)
-_DIGIT_TOKEN = re.compile(r"\S*\d\S*")
 
-STOPWORDS = frozenset(["the", "and", "for", "with", "from", "that", "this", "these", "those", "there", "their", "then", "than", "into", "onto", "over", "under", "about", "after", "before", "where", "which", "while", "when", "what", "were", "was", "are", "has", "have", "had", "not", "but", "all", "any", "each", "every", "some", "more", "fewer", "less", "most", "only", "also", "just", "such", "very", "line", "lines", "block", "blocks", "session", "sessions", "sequence", "sequences", "evidence", "anomaly", "anomalies", "anomalous", "normal", "detector", "detectors", "score", "threshold", "flagged", "shows", "show", "shown", "seen", "never", "template", "templates", "log", "logs", "data", "item", "items", "value", "values", "event", "events", "expected", "within", "range", "operation", "judged", "first", "total"])
+STOPWORDS = frozenset("""
+the and for with from that this these those there their then than into onto over under about after
+before where which while when what were was are has have had not but all any each every some more
+fewer less most only also just such very line lines block blocks session sessions sequence sequences
+evidence anomaly anomalies anomalous normal detector detectors score threshold flagged shows show
+shown seen never template templates log logs data item items value values event events expected
+within range operation judged first total
+""".split())  # noqa: SIM905 - a word list reads better as text
 """Words too common in prompts and evidence to show that a claim is about *this* evidence."""
 
-HEADING_STOPWORDS = frozenset(
-    ["known", "failure", "failures", "pattern", "patterns", "runbook", "guide", "notes", "write", "written", "hdfs", "datanode", "namenode", "block", "blocks", "later", "life", "with", "from", "into", "when", "error", "errors"])
+_HEADING_WORDS = ("known failure failures pattern patterns runbook guide notes write written hdfs datanode "
+                  "namenode block blocks later life with from into when error errors")
+HEADING_STOPWORDS = frozenset(_HEADING_WORDS.split())
 """Heading words that name a document's topic, not one failure (``How a block is written``), and
 "error", which half of all log lines contain ("DataXceiver error burst" still matches an error
 burst through the category word "burst")."""
@@ -262,7 +269,11 @@ def fact_of(alias: str, ev: Evidence, sequence: str | None = None) -> Fact:
     cat = categorise(ev)
     where = f"line {first}" if first is not None else "a line"
     if reason in ("unseen_template", "rare_template", "context") and (texts or templates):
-        shown = texts[0] if texts and (not templates or templates[0] == "<unseen>") else (templates[0] if templates else texts[0])
+        # The prompt shows a line's text only when no template explains it, else the template.
+        if texts and (not templates or templates[0] == "<unseen>"):
+            shown = texts[0]
+        else:
+            shown = templates[0] if templates else texts[0]
         text = f"{where}: {_mask(shown, sequence)}"
         if _ADDRESSED.search(shown):
             # Never copy an instruction into an answer, even one that sits in the evidence.

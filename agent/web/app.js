@@ -187,6 +187,11 @@
       pre.appendChild(row);
     }
     wrap.appendChild(pre);
+    // bring the first flagged line into view inside the log box (not the page)
+    requestAnimationFrame(() => {
+      const first = pre.querySelector(".log-line.flagged");
+      if (first) pre.scrollTop = Math.max(0, first.offsetTop - pre.offsetTop - 40);
+    });
     return wrap;
   });
 

