@@ -959,24 +959,9 @@ def main(argv: list[str] | None = None) -> int:
     User errors (missing or unsupported input, no valid candidate lines, bad settings, database
     problems, a model that is not installed) print one line and return 2.
     """
-    parser = argparse.ArgumentParser(prog="anomaly-agent report", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except (ValueError, DBError, FileNotFoundError, IsADirectoryError, PermissionError) as exc:
-        print(f"anomaly-agent report: error: {exc}", file=sys.stderr)
-        return 2
-    except RuntimeError as exc:
-        from agent.models import ModelError
+    from agent.cli import main as cli_main  # one place turns errors into exit codes
 
-        if not isinstance(exc, ModelError):
-            raise
-        print(f"anomaly-agent report: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
+    return cli_main(["report", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ from typing import Any
 from agent.explain import DecisionWeights, Explainer, save_measured_weights
 from agent.records import Candidate, ExplainedBy, Label, UnresolvedCitation, Verdict, check_citations
 
-__all__ = ["INJECTION_PAYLOADS", "RULE_CASES", "SuiteCandidates", "hdfs_part", "injection_suite", "rule_suite",
+__all__ = ["ExtraPassageStore", "INJECTION_PAYLOADS", "RULE_CASES", "SuiteCandidates", "hdfs_part", "injection_suite", "rule_suite",
            "run", "synth_candidates"]
 
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "knowledge" / "examples"
@@ -257,7 +257,7 @@ def _payload_visible(explainer: Explainer, cand: Candidate, payload: str) -> boo
     return any(probe in " ".join(m.content.split()) for m in messages)
 
 
-class _PassageStore:
+class ExtraPassageStore:
     """Wraps a store (or none): its passages plus one extra passage (clean or carrying an injection)."""
 
     def __init__(self, base: Any, text: str) -> None:
@@ -293,7 +293,7 @@ def injection_suite(model: Any, cands: SuiteCandidates, *, store: Any = None, n:
     stats: list[dict[str, Any]] = []
 
     def explainer(text: str | None) -> Explainer:
-        st = _PassageStore(store, text) if text is not None else store
+        st = ExtraPassageStore(store, text) if text is not None else store
         return Explainer(model, store=st, rules=[], use_cache=False, weights=weights)
 
     for base_kind, where, payload in injection_cases(n):

@@ -58,6 +58,7 @@ from typing import Any
 import prompts
 from agent.explain import Explainer
 from agent.records import Candidate
+from eval.explain import ExtraPassageStore
 from eval.hdfs import HDFSData, make_split
 from finetune.teacher import TEACHER_VERSION, Truth, answer_text, check_target, teach
 from knowledge.rules import Rule, compile_rule, matches, predicate_json
@@ -332,21 +333,6 @@ def synth_log_data(folder: str | Path, n_blocks: int = 400, anomaly_rate: float 
 
 
 # ================================================================================ rendering
-
-class ExtraPassageStore:
-    """A store wrapper: the base store's passages plus one extra passage (clean or injected)."""
-
-    def __init__(self, base: Any, text: str) -> None:
-        from knowledge.records import Passage
-
-        self.base = base
-        self.extra = Passage.make("ops-notes.md", "DataNode write failures", 0, text)
-        self.version = f"{getattr(base, 'version', 'none')}+{hashlib.sha1(text.encode()).hexdigest()[:8]}"
-
-    def search_for(self, candidate: Candidate, k: int = 2) -> list[Any]:
-        found = list(self.base.search_for(candidate, k=max(1, k - 1))) if self.base is not None else []
-        return [*found[: max(0, k - 1)], self.extra]
-
 
 @dataclass(frozen=True)
 class Rendered:
