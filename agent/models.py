@@ -294,6 +294,10 @@ PRESETS: dict[str, PackagedGGUF] = {
     )
 }
 DEFAULT_PRESET = "smollm2-135m"
+ADAPTER_DIR = Path(__file__).with_name("adapters")
+DEFAULT_ADAPTERS: dict[str, Path] = {"smollm2-135m": ADAPTER_DIR / "smollm2-135m-explainer.gguf"}
+"""The LoRA adapters that ship with the project (trained by ``anomaly-agent finetune`` on the
+training part of public data; see README) and are used by default for their preset."""
 
 _PART_NUM = re.compile(r"(\d+)")
 
@@ -417,7 +421,8 @@ class LlamaCppModel:
         threads: Threads for generation and prompt processing (``$ANOMALY_AGENT_THREADS``, min(2, cores)).
         n_ctx: Context length (``$ANOMALY_AGENT_N_CTX``, 4096).
         timeout: Wall-clock seconds per generation (``$ANOMALY_AGENT_MODEL_TIMEOUT``, 60).
-        lora_path: LoRA adapter in GGUF form (``$ANOMALY_AGENT_LORA``).
+        lora_path: LoRA adapter in GGUF form (``$ANOMALY_AGENT_LORA``; default the adapter
+            shipped for the preset in ``agent/adapters/``, ``none`` for the untuned base).
         cache_dir: Where split presets are joined (``$ANOMALY_AGENT_MODEL_CACHE``).
         seed: Sampling seed (temperature 0 is greedy anyway).
         loader: For tests: ``callable(**llama_kwargs) -> llama`` instead of ``llama_cpp.Llama``.
@@ -443,6 +448,11 @@ class LlamaCppModel:
         self.n_ctx = int(n_ctx if n_ctx is not None else _env("N_CTX", 4096))
         self.timeout = float(timeout if timeout is not None else _env("MODEL_TIMEOUT", 60.0))
         lora = lora_path if lora_path is not None else (_env("LORA", "") or None)
+        if lora is None and model_path is None:
+            lora = DEFAULT_ADAPTERS.get(self.preset or "")  # the shipped tuned adapter, when present
+            lora = lora if lora is not None and lora.is_file() else None
+        if str(lora).lower() == "none":  # ANOMALY_AGENT_LORA=none: the untuned base
+            lora = None
         self.lora_path = Path(lora).expanduser() if lora is not None else None
         self.cache_dir = cache_dir
         self.seed = seed
