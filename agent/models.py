@@ -492,6 +492,11 @@ class LlamaCppModel:
             raise ModelNotInstalled(f"LoRA adapter not found: {self.lora_path}")
         loader = self._loader
         if loader is None:
+            # llama.cpp's OpenMP threads spin while they wait; on a shared 2-core machine spinning
+            # threads starve each other (measured at load average 2: a first call took 20.8 s
+            # with spinning, 11.1 s with passive waiting). Read when libgomp starts, so set it
+            # before the import; OMP_WAIT_POLICY=ACTIVE in the environment keeps spinning.
+            os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
             try:
                 from llama_cpp import Llama
             except ImportError as exc:
