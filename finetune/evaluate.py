@@ -346,7 +346,7 @@ def markdown(result: dict[str, Any]) -> str:
 def _default_models(base: str, adapter: str | Path | None, threads: int | None, timeout: float) -> dict[str, Any]:
     from agent.models import LlamaCppModel
 
-    models: dict[str, Any] = {"base": LlamaCppModel(base, threads=threads, timeout=timeout)}
+    models: dict[str, Any] = {"base": LlamaCppModel(base, threads=threads, timeout=timeout, lora_path="none")}
     if adapter is not None:
         path = Path(adapter)
         if path.is_dir() and (path / "adapter.gguf").is_file():

@@ -391,3 +391,18 @@ def test_lazy_grammar_decoding_gives_the_eager_tokens() -> None:
     assert replies[0] == replies[1]
     _assert_schema_valid(replies[1], SCHEMA)
     assert usage["grammar_rejections"] > 0 and usage["completion_tokens"] > 10
+
+
+def test_shipped_adapter_is_the_default_and_none_turns_it_off(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    adapter = tmp_path / "explainer.gguf"
+    adapter.write_bytes(b"GGUF lora")
+    monkeypatch.setitem(models.DEFAULT_ADAPTERS, "smollm2-135m", adapter)
+    monkeypatch.delenv("ANOMALY_AGENT_LORA", raising=False)
+    tuned = LlamaCppModel("smollm2-135m", loader=FakeLlama)
+    assert tuned.lora_path == adapter and tuned.adapter and tuned.adapter.startswith("explainer.gguf@")
+    assert LlamaCppModel("smollm2-135m", lora_path="none", loader=FakeLlama).adapter is None
+    monkeypatch.setenv("ANOMALY_AGENT_LORA", "none")
+    assert LlamaCppModel("smollm2-135m", loader=FakeLlama).lora_path is None
+    monkeypatch.delenv("ANOMALY_AGENT_LORA")
+    adapter.unlink()  # a missing shipped adapter: the base, not an error
+    assert LlamaCppModel("smollm2-135m", loader=FakeLlama).lora_path is None
