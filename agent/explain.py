@@ -148,7 +148,7 @@ def parse_answer(text: str, unalias: Callable[[dict[str, Any]], dict[str, Any]] 
     if m := _FENCE.match(raw):
         raw = m.group(1)
     try:
-        obj = json.loads(raw)
+        obj = json.loads(raw, strict=False)  # a raw newline inside a string is not worth a retry
     except ValueError as exc:
         raise AnswerError(f"the answer is not valid JSON ({exc.msg} at char {exc.pos})") from None
     if not isinstance(obj, dict):

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ConstrainedResult", "generate_constrained"]
+__all__ = ["ConstrainedResult", "generate_constrained", "strict_json_strings"]
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,22 @@ class ConstrainedResult:
     first_token_s: float
     total_s: float
     grammar_rejections: int
+
+
+_LAX_CHAR = 'char ::= [^"\\\\] |'
+_STRICT_CHAR = 'char ::= [^"\\\\\\x7F\\x00-\\x1F] |'
+
+
+def strict_json_strings(grammar: str) -> str:
+    """Forbid raw control characters inside JSON strings.
+
+    llama-cpp-python's schema converter writes ``char ::= [^"\\] | ...``, which lets a model put
+    a raw newline inside a string -- invalid JSON (seen with the tuned SmolLM2). llama.cpp's own
+    converter excludes U+0000-U+001F and U+007F, as JSON requires; we do the same.
+    """
+    if _LAX_CHAR not in grammar:
+        return grammar
+    return grammar.replace(_LAX_CHAR, _STRICT_CHAR)
 
 
 def _chat_prompt(llm: Any, messages: Sequence[dict[str, str]]) -> list[int]:
@@ -83,7 +99,7 @@ def generate_constrained(llm: Any, messages: Sequence[dict[str, str]], schema: d
     from llama_cpp.llama_grammar import json_schema_to_gbnf
 
     start = time.monotonic()
-    grammar_text = json_schema_to_gbnf(json.dumps(schema))
+    grammar_text = strict_json_strings(json_schema_to_gbnf(json.dumps(schema)))
     vocab = llm._model.vocab
     sampler = llama_cpp.llama_sampler_init_grammar(vocab, grammar_text.encode("utf-8"), b"root")
     if not sampler:

@@ -530,8 +530,17 @@ class LlamaCppModel:
         }
         lazy = schema is not None and temperature == 0.0 and self.lazy_grammar and _is_real_llama(self._llm)
         if schema is not None and not lazy:
-            # llama-cpp-python turns the schema into a GBNF grammar (LlamaGrammar.from_json_schema).
-            kwargs["response_format"] = {"type": "json_object", "schema": schema}
+            if _is_real_llama(self._llm):
+                # The same strict grammar as the lazy path (no raw control characters in strings).
+                from llama_cpp import LlamaGrammar
+                from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+                from agent.grammar_decode import strict_json_strings
+
+                kwargs["grammar"] = LlamaGrammar.from_string(
+                    strict_json_strings(json_schema_to_gbnf(json.dumps(schema))), verbose=False)
+            else:
+                kwargs["response_format"] = {"type": "json_object", "schema": schema}
         timed_out = threading.Event()
 
         def constrained() -> tuple[str, int, Any]:

@@ -406,3 +406,16 @@ def test_shipped_adapter_is_the_default_and_none_turns_it_off(monkeypatch: pytes
     monkeypatch.delenv("ANOMALY_AGENT_LORA")
     adapter.unlink()  # a missing shipped adapter: the base, not an error
     assert LlamaCppModel("smollm2-135m", loader=FakeLlama).lora_path is None
+
+
+def test_grammar_forbids_raw_control_characters_in_strings() -> None:
+    # llama-cpp-python's converter lets a raw newline into a JSON string (the tuned SmolLM2 wrote
+    # one); our grammar follows JSON and llama.cpp's own converter.
+    pytest.importorskip("llama_cpp")
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+    from agent.grammar_decode import strict_json_strings
+
+    lax = json_schema_to_gbnf(json.dumps(SCHEMA))
+    strict = strict_json_strings(lax)
+    assert strict != lax and "\\x00-\\x1F" in strict and strict_json_strings(strict) == strict

