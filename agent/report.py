@@ -847,17 +847,10 @@ def write_report(report: Mapping[str, Any], out: Path, *, html_members: int = 20
 # ============================================================================ command line
 
 def _env(name: str, default: Any) -> Any:
-    """``ANOMALY_AGENT_<NAME>`` or ``default`` (same convention as :mod:`agent.cli`)."""
-    value = os.environ.get(f"ANOMALY_AGENT_{name.upper().replace('-', '_')}")
-    if value is None:
-        return default
-    if isinstance(default, bool):
-        return value.lower() in ("1", "true", "yes", "on")
-    if isinstance(default, int):
-        return int(value)
-    if isinstance(default, float):
-        return float(value)
-    return value
+    """``ANOMALY_AGENT_<NAME>`` or ``default``: the CLI's one convention."""
+    from agent.cli import _env as cli_env
+
+    return cli_env(name, default)
 
 
 def _default_store() -> str:
