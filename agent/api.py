@@ -90,6 +90,7 @@ from agent.db import (
     VerdictRow,
 )
 from agent.records import Candidate, Verdict
+from agent.settings import env_setting as _env
 from agent.tools import (
     AgentContext,
     CandidateBrief,
@@ -101,6 +102,7 @@ from agent.tools import (
     candidate_briefs,
     create_run,
     explain_candidate,
+    filter_briefs,
     remove_rule,
     rule_dict,
     session_lines,
@@ -983,19 +985,8 @@ def _routes(api: APIRouter, app: FastAPI) -> None:
             state.ctx.db.run(run_id)
             rows = state.queue(run_id, sort)
             total = len(rows)
-            if detector:
-                rows = [b for b in rows if b.detector == detector]
-            if reason:
-                needle = reason.lower().replace(" ", "_")
-                rows = [b for b in rows if any(needle in r.lower() for r in b.reasons)]
-            if label:
-                rows = [b for b in rows if b.label == label]
-            if min_severity is not None:
-                rows = [b for b in rows if b.severity >= min_severity]
-            if review:
-                rows = [b for b in rows if b.review == review]
-            if q:
-                rows = [b for b in rows if q.lower() in b.id.lower()]
+            rows = filter_briefs(rows, detector=detector, reason=reason, label=label, min_severity=min_severity,
+                                 review=review, q=q)
             return CandidateList(run_id=run_id, sort=sort, total=total, matching=len(rows), offset=offset, limit=limit,
                                  items=rows[offset: offset + limit])
 
@@ -1303,15 +1294,6 @@ def _generate_report(state: _State, run_id: str) -> ReportOut:
 
 # ============================================================================ command line
 
-def _env(name: str, default: Any) -> Any:
-    value = os.environ.get(f"ANOMALY_AGENT_{name.upper()}")
-    if value is None or value == "":
-        return default
-    if isinstance(default, bool):
-        return value.lower() in ("1", "true", "yes", "on")
-    if isinstance(default, int):
-        return int(value)
-    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

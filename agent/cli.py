@@ -12,28 +12,16 @@ and ``bench`` subcommands); the rest of ``agent`` does not.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from agent.settings import env_setting as _env
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_DIR = REPO_ROOT / "samples" / "hdfs_demo"
-
-
-def _env(name: str, default: Any) -> Any:
-    value = os.environ.get(f"ANOMALY_AGENT_{name.upper().replace('-', '_')}")
-    if value is None:
-        return default
-    if isinstance(default, bool):
-        return value.lower() in ("1", "true", "yes", "on")
-    if isinstance(default, int):
-        return int(value)
-    if isinstance(default, float):
-        return float(value)
-    return value
 
 
 class UserError(Exception):
@@ -164,27 +152,31 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         r = bench_api(duration_s=args.duration, clients=args.clients, out=args.out)
         return 0 if r["meets_target"] else 1
-    if args.what == "explain":
+    if args.what == "adapter":
+        from eval.adapter_bench import bench_adapter
+
+        if not args.adapter:
+            raise UserError("bench adapter needs --adapter RUN/adapter.gguf (a training run's export, with the "
+                            "peft adapter/ folder beside it)")
+        result = bench_adapter(args.adapter, preset=args.model, prompts=args.prompts)
+    elif args.what == "explain":
         from eval.explain_bench import bench_explain
 
         result = bench_explain(model=args.model, repeats=args.repeats)
-        if args.out:
-            Path(args.out).write_text(json.dumps(result, indent=2))
-        return 0
-    if args.what == "timeseries":
+    elif args.what == "timeseries":
         from eval.ts_bench import bench_timeseries
 
         result = bench_timeseries()
-        if args.out:
-            Path(args.out).write_text(json.dumps(result, indent=2))
-        return 0
-    from eval.bench import bench_logs
+    else:
+        from eval.bench import bench_logs
 
-    path = Path(args.file) if args.file else DEMO_DIR / "test.log"
-    result = bench_logs(path, log_format=args.format, parser=args.parser, detector=args.detector,
-                        memory_factor=args.memory_factor, id_pattern=args.id_pattern)
+        path = Path(args.file) if args.file else DEMO_DIR / "test.log"
+        result = bench_logs(path, log_format=args.format, parser=args.parser, detector=args.detector,
+                            memory_factor=args.memory_factor, id_pattern=args.id_pattern)
     if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2))
+        from eval.results import write_result
+
+        write_result(result, args.out)
     return 0
 
 
@@ -386,29 +378,17 @@ def cmd_rules(args: argparse.Namespace) -> int:
 
 # -- wiring --------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
+    from agent.options import add_log_options, add_window_options
     from detectors.registry import known_detectors
 
     p = argparse.ArgumentParser(prog="anomaly-agent",
                                 description="Find, rank and explain anomalies in logs and time series.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    def add_log_options(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--format", default=_env("format", "hdfs"),
-                        help="format string like '<Date> <Time> <Level> <Content>' or a system name (hdfs, bgl, ...)")
-        sp.add_argument("--parser", default=_env("parser", "hdfs"), help="drain3 preset in detectors/logs/parsers.toml")
-        sp.add_argument("--detector", default=_env("detector", "log-ensemble"), choices=known_detectors())
-        sp.add_argument("--id-pattern", default=_env("id_pattern", r"blk_-?\d+"), help="regex naming a line's session")
-
     d = sub.add_parser("detect", help="rank anomalous sessions/windows of a log file")
     d.add_argument("input")
-    add_log_options(d)
-    d.add_argument("--train", default=_env("train", None), help="log of normal operation to fit on")
-    d.add_argument("--train-fraction", type=float, default=_env("train_fraction", 0.2),
-                   help="without --train: fit on this leading share of the input")
-    d.add_argument("--group", choices=["session", "count", "time"], default=_env("group", "session"))
-    d.add_argument("--window", type=float, default=_env("window", 100.0), help="window size (lines or seconds)")
-    d.add_argument("--step", type=float, default=_env("step", None), help="window step (default: tumbling)")
-    d.add_argument("--max-idle-lines", type=int, default=_env("max_idle_lines", 200_000))
+    add_log_options(d, known_detectors())
+    add_window_options(d)
     d.add_argument("--lines", default=None, help="only lines in this range, e.g. 1000-2000")
     d.add_argument("--top", type=int, default=_env("top", 20))
     d.add_argument("--out", default=_env("out", None), help="write all candidates as JSON lines")
@@ -433,14 +413,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_eval)
 
     b = sub.add_parser("bench", help="throughput and memory as ratios measured in one run")
-    b.add_argument("what", choices=["logs", "timeseries", "explain", "api"])
+    b.add_argument("what", choices=["logs", "timeseries", "explain", "api", "adapter"])
     b.add_argument("file", nargs="?", help="logs: the log file (default: the bundled demo sample)")
-    add_log_options(b)
+    add_log_options(b, known_detectors())
     b.add_argument("--memory-factor", type=int, default=_env("memory_factor", 10))
     b.add_argument("--model", default=_env("model", "smollm2-135m"), help="explain: the llama.cpp preset")
     b.add_argument("--repeats", type=int, default=1, help="explain: passes over the synthetic candidates")
     b.add_argument("--duration", type=float, default=15.0, help="api: seconds of load")
     b.add_argument("--clients", type=int, default=50, help="api: concurrent clients")
+    b.add_argument("--adapter", default=None,
+                   help="adapter: a training run's adapter.gguf (its peft adapter/ folder beside it)")
+    b.add_argument("--prompts", type=int, default=6, help="adapter: explainer prompts per backend")
     b.add_argument("--out", default=None)
     b.set_defaults(func=cmd_bench)
 
@@ -510,12 +493,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the process exit status."""
     import importlib
 
+    from agent.settings import SettingError
+
     argv = list(sys.argv[1:] if argv is None else argv)
-    for words, module in PASS_THROUGH.items():
-        n = len(words.split())
-        if argv[:n] == words.split():
-            return int(importlib.import_module(module).main(argv[n:]) or 0)
-    parser = build_parser()
+    try:
+        for words, module in PASS_THROUGH.items():
+            n = len(words.split())
+            if argv[:n] == words.split():
+                return int(importlib.import_module(module).main(argv[n:]) or 0)
+        parser = build_parser()
+    except SettingError as exc:  # a bad ANOMALY_AGENT_* default, found while building the options
+        print(f"anomaly-agent: error: {exc}", file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)

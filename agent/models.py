@@ -58,6 +58,8 @@ from pydantic import Field, field_validator
 from detectors.records import Record
 from detectors.threads import torch_threads
 
+from agent.settings import env_setting as _env
+
 __all__ = [
     "ChatModel",
     "LlamaCppModel",
@@ -76,26 +78,11 @@ __all__ = [
     "sha256_file",
 ]
 
-ENV_PREFIX = "ANOMALY_AGENT_"
 DEFAULT_CACHE = Path("~/.cache/anomaly-agent/models")
 DEFAULT_MAX_TOKENS = 384
 GGUF_MAGIC = b"GGUF"
 
 
-def _env(name: str, default: Any) -> Any:
-    value = os.environ.get(ENV_PREFIX + name)
-    if value is None or value == "":
-        return default
-    try:
-        if isinstance(default, bool):
-            return value.strip().lower() in ("1", "true", "yes", "on")
-        if isinstance(default, int):
-            return int(value)
-        if isinstance(default, float):
-            return float(value)
-    except ValueError:
-        raise ValueError(f"environment variable {ENV_PREFIX + name}={value!r} is not a {type(default).__name__}") from None
-    return value
 
 
 def model_cache_dir(path: str | Path | None = None) -> Path:

@@ -63,8 +63,19 @@ from typing import IO, Any
 
 from pydantic import ValidationError
 
-from agent.db import CandidateRow, Conflict, Database, DBError, InputFile, Run, RunSpec, RunStatus, VerdictRow
+from agent.db import (
+    CandidateRow,
+    Conflict,
+    Database,
+    DBError,
+    InputFile,
+    Run,
+    RunSpec,
+    RunStatus,
+    VerdictRow,
+)
 from agent.records import Candidate, Label, Severity
+from agent.settings import env_setting as _env
 
 __all__ = [
     "DetectSettings",
@@ -846,11 +857,6 @@ def write_report(report: Mapping[str, Any], out: Path, *, html_members: int = 20
 
 # ============================================================================ command line
 
-def _env(name: str, default: Any) -> Any:
-    """``ANOMALY_AGENT_<NAME>`` or ``default``: the CLI's one convention."""
-    from agent.cli import _env as cli_env
-
-    return cli_env(name, default)
 
 
 def _default_store() -> str:
@@ -859,6 +865,7 @@ def _default_store() -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``report`` options to ``parser`` (defaults from ``ANOMALY_AGENT_<OPTION>``)."""
+    from agent.options import add_log_options, add_window_options
     from detectors.registry import known_detectors
 
     log_detectors = [d for d in known_detectors() if d.startswith(("log-", "baseline-loglizer"))]
@@ -877,18 +884,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dir", default=_env("cache_dir", None),
                         help="explanation cache (default: <store>/explain-cache)")
     g = parser.add_argument_group("detection (log inputs; as in `anomaly-agent detect`)")
-    g.add_argument("--format", default=_env("format", "hdfs"),
-                   help="format string like '<Date> <Time> <Level> <Content>' or a system name (hdfs, bgl, ...)")
-    g.add_argument("--parser", default=_env("parser", "hdfs"), help="drain3 preset in detectors/logs/parsers.toml")
-    g.add_argument("--detector", default=_env("detector", "log-ensemble"), choices=log_detectors)
-    g.add_argument("--id-pattern", default=_env("id_pattern", r"blk_-?\d+"), help="regex naming a line's session")
-    g.add_argument("--train", default=_env("train", None), help="log of normal operation to fit on")
-    g.add_argument("--train-fraction", type=float, default=_env("train_fraction", 0.2),
-                   help="without --train: fit on this leading share of each log input")
-    g.add_argument("--group", choices=["session", "count", "time"], default=_env("group", "session"))
-    g.add_argument("--window", type=float, default=_env("window", 100.0), help="window size (lines or seconds)")
-    g.add_argument("--step", type=float, default=_env("step", None), help="window step (default: tumbling)")
-    g.add_argument("--max-idle-lines", type=int, default=_env("max_idle_lines", 200_000))
+    add_log_options(g, log_detectors)
+    add_window_options(g, fraction_of="each log input")
     parser.add_argument("--html-members", type=int, default=_env("html_members", 200),
                         help="members listed per group in the HTML (all are in report.json and report.csv)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or status lines")

@@ -468,6 +468,31 @@ def candidate_briefs(ctx: AgentContext, run_id: str, *, sort: str = "severity") 
     return out
 
 
+def filter_briefs(rows: Sequence[CandidateBrief], *, detector: str | None = None, reason: str | None = None,
+                  label: str | None = None, min_severity: int | None = None, review: str | None = None,
+                  q: str | None = None) -> list[CandidateBrief]:
+    """The queue rows that pass every given filter: the one definition the chat tools and the API share.
+
+    ``reason`` matches evidence reasons by substring (spaces read as underscores, any case);
+    ``q`` matches the candidate id by substring.
+    """
+    out = list(rows)
+    if detector:
+        out = [b for b in out if b.detector == detector]
+    if reason:
+        needle = reason.lower().replace(" ", "_")
+        out = [b for b in out if any(needle in r.lower() for r in b.reasons)]
+    if label:
+        out = [b for b in out if b.label == label]
+    if min_severity is not None:
+        out = [b for b in out if b.severity >= int(min_severity)]
+    if review:
+        out = [b for b in out if b.review == review]
+    if q:
+        out = [b for b in out if q.lower() in b.id.lower()]
+    return out
+
+
 def _ratio(score: float, threshold: float) -> float:
     return score / threshold if threshold > 0 and score > 0 else score - threshold
 
@@ -511,16 +536,8 @@ def list_candidates(ctx: AgentContext, run_id: str | None = None, *, detector: s
         known = sorted({b.detector for b in rows})
         if detector not in known:
             raise ToolError(f"detector {detector!r} has no candidates in run {run.id}; detectors there: {', '.join(known)}")
-        rows = [b for b in rows if b.detector == detector]
-    if reason:
-        needle = reason.lower().replace(" ", "_")
-        rows = [b for b in rows if any(needle in r.lower() for r in b.reasons)]
-    if label:
-        rows = [b for b in rows if b.label == label]
-    if min_severity is not None:
-        rows = [b for b in rows if b.severity >= int(min_severity)]
-    if review:
-        rows = [b for b in rows if b.review == review]
+    rows = filter_briefs(rows, detector=detector, reason=reason, label=label, min_severity=min_severity,
+                         review=review)
     shown = rows[: int(limit)]
     args = {"run_id": run.id, "detector": detector, "reason": reason, "label": label, "min_severity": min_severity,
             "review": review, "limit": limit, "sort": sort}

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import random
 import statistics
 import tempfile
@@ -43,7 +42,15 @@ from pathlib import Path
 from typing import Any
 
 from agent.explain import DecisionWeights, Explainer, save_measured_weights
-from agent.records import Candidate, ExplainedBy, Label, UnresolvedCitation, Verdict, check_citations
+from agent.records import (
+    Candidate,
+    ExplainedBy,
+    Label,
+    UnresolvedCitation,
+    Verdict,
+    check_citations,
+)
+from eval.results import write_result
 
 __all__ = ["ExtraPassageStore", "INJECTION_PAYLOADS", "RULE_CASES", "SuiteCandidates", "hdfs_part", "injection_suite", "rule_suite",
            "run", "synth_candidates"]
@@ -594,11 +601,7 @@ def run(data_dir: Path | None, out: Path | None, *, model: str | Any = "smollm2-
     result["overhead"] = overhead(_sum_stats(parts))
     result["seconds"] = round(time.perf_counter() - t0, 1)
     echo(markdown(result))
-    if out is not None:
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2, default=str), encoding="utf-8")
-        echo(f"wrote {out}")
+    write_result(result, out, echo)
     return result
 
 

@@ -7,7 +7,6 @@ same split, so comparisons never mix machines or protocols.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -17,6 +16,7 @@ from detectors.base import Detector
 from detectors.logs.sessions import LogSequence
 from detectors.registry import ENSEMBLES, make_detector
 from eval import hdfs, parsing
+from eval.results import write_result
 
 LOG_DETECTORS: tuple[str, ...] = (
     "log-rare-template", "log-cooccurrence", "log-param-range", "log-error-burst", "log-pca", "log-iforest", "log-lstm",
@@ -75,8 +75,5 @@ def run(data_dir: Path, out: Path | None, *, detectors: Sequence[str] = LOG_DETE
         echo("\n## Loghub 2k parsing (drain3), per system and mean\n")
         echo(parsing.markdown_table(rows))
     result["seconds"] = round(time.perf_counter() - t0, 1)
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2))
-        echo(f"\nwrote {out}")
+    write_result(result, out, echo)
     return result

@@ -8,7 +8,6 @@ The NAB scorer is checked first against NAB's published windowedGaussian result.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +20,7 @@ from detectors.timeseries.ensemble import TimeSeriesEnsemble
 from detectors.timeseries.iforest import WindowIForestDetector
 from detectors.timeseries.residual import ResidualDetector
 from eval import nab, smap_msl
+from eval.results import write_result
 
 
 def smap_factories(include_slow: bool = True) -> dict[str, Callable[[], TimeSeriesDetector]]:
@@ -65,7 +65,5 @@ def run(data_dir: Path, out: Path | None, echo: Callable[[str], None] = print, *
 
     result["root_cause"] = root_cause_eval(echo=echo)
     result["seconds"] = round(time.perf_counter() - t0, 1)
-    if out is not None:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(result, indent=1, default=float))
+    write_result(result, out, echo)
     return result

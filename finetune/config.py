@@ -67,6 +67,9 @@ class LoraSpec(_Strict):
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     use_rslora: bool = False
+    layers_from: int | None = Field(None, ge=0)
+    """Adapt only decoder layers ``layers_from`` and up (None: all). Backpropagation then stops at
+    that layer, so training is faster; the top layers are where answer formatting is learned."""
 
     @field_validator("target_modules")
     @classmethod

@@ -59,6 +59,7 @@ from typing import Any
 from agent.explain import AnswerError, Explainer, parse_answer
 from agent.models import Message
 from agent.records import Candidate
+from eval.results import write_result
 from finetune.dataset import (
     ExtraPassageStore,
     Rendered,
@@ -405,11 +406,7 @@ def run(data_dir: Path | str | None, out: Path | str | None, *, adapter: str | P
             close()
     result["seconds"] = round(time.perf_counter() - t0, 1)
     echo(markdown(result))
-    if out is not None:
-        path = Path(out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2, default=str), encoding="utf-8")
-        echo(f"wrote {path}")
+    write_result(result, out, echo)
     return result
 
 

@@ -22,6 +22,12 @@ How it trains, and why
   weights and the torch RNG (dropout) saved in each checkpoint, a killed run resumes from its
   last checkpoint and continues exactly where it was; a checkpoint made under another config
   or data set is refused (digests are compared).
+* **Answer-only logits**: the language-model head (49,152 x 576 for SmolLM2, a fifth of the
+  forward pass) runs only on the positions that predict answer tokens (``logits_to_keep``); the
+  loss is the same number as the full-logits loss (a test), ~20% less time per example.
+* **Upper layers only** (``lora.layers_from``): backpropagation stops at the lowest adapted
+  layer, so the layers below cost only their forward pass (SmolLM2 with LoRA on layers 10-29:
+  7.8 s per ~1,100-token example vs 13.8 s for all layers with full logits, measured here).
 * **Schedule**: linear warm-up, cosine decay to ``min_lr_ratio * lr``; AdamW; gradient
   clipping.
 * **Held-out loss**: ``eval_examples`` examples (seeded) are never trained on; their answer loss
@@ -139,6 +145,29 @@ def lr_at(step: int, spec: TrainSpec) -> float:
     t = min(1.0, (step - spec.warmup_steps) / span)
     floor = spec.lr * spec.min_lr_ratio
     return floor + (spec.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def answer_loss(model: Any, batch: dict[str, Any]) -> Any:
+    """Mean cross-entropy over the answer tokens, with logits computed only where they are needed.
+
+    The prompt's labels are IGNORE, so the logits of every position before the first answer
+    token but one are thrown away by the loss anyway; ``logits_to_keep`` skips computing them
+    (and their backward pass). Equal to ``model(**batch).loss``.
+    """
+    import torch
+
+    labels = batch["labels"]
+    width = labels.shape[1]
+    answer = labels != IGNORE
+    if not bool(answer.any()):
+        raise DatasetError("a batch without answer tokens (every label is ignored)")
+    first = int(torch.where(answer.any(dim=0))[0][0])
+    first = max(first, 1)  # position 0 predicts nothing earlier
+    keep = width - first + 1
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep)
+    logits = out.logits[:, :-1, :]
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                                             labels[:, first:].reshape(-1), ignore_index=IGNORE)
 
 
 def _collate(items: Sequence[Encoded], pad_id: int) -> dict[str, Any]:
@@ -269,7 +298,8 @@ class TrainResult:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
-def _target_check(model: Any, targets: Sequence[str]) -> None:
+def _target_check(model: Any, targets: Sequence[str], layers_from: int | None = None) -> list[int] | None:
+    """Refuse target modules the base lacks; the decoder layers to adapt (None: all)."""
     import torch
 
     linear = sorted({name.rsplit(".", 1)[-1] for name, mod in model.named_modules()
@@ -278,6 +308,13 @@ def _target_check(model: Any, targets: Sequence[str]) -> None:
     if bad:
         raise ConfigError(f"lora.target_modules {bad} match no linear layer of the base model; "
                           f"its linear layers are: {linear}")
+    if layers_from is None:
+        return None
+    n_layers = int(getattr(model.config, "num_hidden_layers", 0) or 0)
+    if not 0 <= layers_from < n_layers:
+        raise ConfigError(f"lora.layers_from {layers_from} is outside the base model's decoder layers "
+                          f"0-{n_layers - 1}")
+    return list(range(layers_from, n_layers))
 
 
 def _mean_loss(model: Any, items: Sequence[Encoded], pad_id: int, device: Any) -> float | None:
@@ -290,7 +327,7 @@ def _mean_loss(model: Any, items: Sequence[Encoded], pad_id: int, device: Any) -
     with torch.no_grad():
         for e in items:
             batch = {k: v.to(device) for k, v in _collate([e], pad_id).items()}
-            loss = model(**batch).loss
+            loss = answer_loss(model, batch)
             n = e.answer_tokens
             total += float(loss) * n
             tokens += n
@@ -352,7 +389,7 @@ def train(cfg: FinetuneConfig, data: str | Path, out: str | Path, *, echo: Echo 
     model, tok = load_base(base, dtype=spec.dtype, quantization=spec.quantization, device=spec.device,
                            cache_dir=cache_dir)
     load_s = time.perf_counter() - t0
-    _target_check(model, cfg.lora.target_modules)
+    layers = _target_check(model, cfg.lora.target_modules, cfg.lora.layers_from)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
 
     encoded: list[Encoded] = []
@@ -393,7 +430,7 @@ def train(cfg: FinetuneConfig, data: str | Path, out: str | Path, *, echo: Echo 
     torch.manual_seed(spec.seed)
     lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                       target_modules=list(cfg.lora.target_modules), bias="none", task_type="CAUSAL_LM",
-                      use_rslora=cfg.lora.use_rslora)
+                      use_rslora=cfg.lora.use_rslora, layers_to_transform=layers)
     model = get_peft_model(model, lora)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
@@ -431,7 +468,7 @@ def train(cfg: FinetuneConfig, data: str | Path, out: str | Path, *, echo: Echo 
             items = [train_set[i] for i in micro]
             ids.extend(e.id for e in items)
             batch = {k: v.to(device) for k, v in _collate(items, pad_id).items()}
-            loss = model(**batch).loss / spec.grad_accum
+            loss = answer_loss(model, batch) / spec.grad_accum
             loss.backward()
             step_loss += float(loss.detach())
             step_tokens += sum(len(e.input_ids) for e in items)

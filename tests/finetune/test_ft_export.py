@@ -133,7 +133,7 @@ def smollm2(request: pytest.FixtureRequest) -> tuple[Path, Path]:
     except ModelNotInstalled as exc:
         pytest.skip(str(exc))
     # The de-quantised copy is cached across runs in pytest's cache (30 s to build, 2 s to load).
-    cache = request.config.cache.mkdir("finetune-model-cache") if request.config.cache else None
+    cache = request.config.cache.mkdir("finetune-model-cache") if getattr(request.config, "cache", None) else None
     try:
         folder = dequantised_folder(resolve_base(BaseSpec(preset="smollm2-135m")), cache)
     except ConfigError as exc:
@@ -232,3 +232,26 @@ def test_llama_cpp_model_serves_the_adapter(smollm2: tuple[Path, Path], tmp_path
         assert model.adapter is not None and model.adapter.startswith("adapter.gguf@")
     finally:
         model.close()
+
+
+def test_bench_adapter_serves_one_adapter_through_both_backends(smollm2: tuple[Path, Path], tmp_path: Path,
+                                                                request: pytest.FixtureRequest) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from eval.adapter_bench import bench_adapter
+
+    gguf_path, folder = smollm2
+    run = tmp_path / "run"
+    _random_adapter(AutoModelForCausalLM.from_pretrained(str(folder)), run / "adapter", r=4, alpha=8, scale=0.05,
+                    targets=["q_proj", "v_proj"])
+    export_adapter(run / "adapter", run / "adapter.gguf", gguf_path)
+    cache = request.config.cache.mkdir("finetune-model-cache") if getattr(request.config, "cache", None) else None
+    result = bench_adapter(run / "adapter.gguf", prompts=2, threads=1, max_tokens=6, cache_dir=cache, echo=lambda _: None)
+    assert result["prompts"] == 2 and result["peft_adapter"] == str(run / "adapter")
+    for name in ("llama.cpp", "transformers"):
+        assert all(r[name]["tokens"] >= 1 and r[name]["seconds"] > 0 for r in result["rows"]), result["rows"]
+        assert result[name]["tokens_per_s"] > 0
+    assert result["ratio"] > 0
+    (tmp_path / "lone.gguf").write_bytes((run / "adapter.gguf").read_bytes())
+    with pytest.raises(FileNotFoundError, match="no peft adapter folder .*lone.gguf"):
+        bench_adapter(tmp_path / "lone.gguf", cache_dir=cache)
