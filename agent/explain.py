@@ -70,7 +70,13 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 import prompts
-from agent.models import ChatModel, Message, ModelError, ModelIntegrityError, ModelNotInstalled
+from agent.models import (
+    ChatModel,
+    Message,
+    ModelError,
+    ModelIntegrityError,
+    ModelNotInstalled,
+)
 from agent.records import (
     Candidate,
     CausalStep,
@@ -83,6 +89,7 @@ from agent.records import (
     check_citations,
 )
 from knowledge.rules import Effect, Rule, RuleBook, apply_rules, matches
+from prompts.injection import instruction_marker
 
 __all__ = [
     "Decision",
@@ -454,6 +461,7 @@ class ExplainStats:
     candidates: int = 0
     cache_hits: int = 0
     retrieval_memo_hits: int = 0
+    quarantined_passages: int = 0
     model_calls: int = 0
     model_valid_first: int = 0
     model_valid_retry: int = 0
@@ -465,7 +473,7 @@ class ExplainStats:
     validate_s: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
-        d = {k: getattr(self, k) for k in ("candidates", "cache_hits", "retrieval_memo_hits", "model_calls", "model_valid_first",
+        d = {k: getattr(self, k) for k in ("candidates", "cache_hits", "retrieval_memo_hits", "quarantined_passages", "model_calls", "model_valid_first",
                                             "model_valid_retry", "fallbacks")}
         d["errors"] = dict(self.errors)
         d.update({k: round(getattr(self, k), 4) for k in ("retrieval_s", "prompt_s", "model_s", "validate_s")})
@@ -570,6 +578,7 @@ class Explainer:
             found = self.store.search_for(candidate, k=self.k_passages)
             kept = [p for p in found if getattr(p, "score", None) is None or p.score >= self.min_passage_score]
             kept += self._past_cases(candidate)
+            kept = [p for p in kept if not self._quarantined(p)]
             if len(self._retrieved) >= 4096:
                 self._retrieved.pop(next(iter(self._retrieved)))
             self._retrieved[key] = kept
@@ -578,6 +587,16 @@ class Explainer:
             log.warning("retrieval failed for %s: %s", candidate.id, exc)
             self.stats.errors[f"retrieval: {type(exc).__name__}"] += 1
             return []
+
+    def _quarantined(self, passage: Any) -> bool:
+        """A passage whose text reads as an instruction to the model is not knowledge: it is not
+        shown (:mod:`prompts.injection`; documents in the store are untrusted text too)."""
+        marker = instruction_marker(" ".join(str(getattr(passage, f, "")) for f in ("source", "heading", "text")))
+        if marker is None:
+            return False
+        self.stats.quarantined_passages += 1
+        log.warning("passage %s not shown: %s", getattr(passage, "id", "?"), marker)
+        return True
 
     def _past_cases(self, candidate: Candidate) -> list[Any]:
         """The closest analyst-reviewed past case (``cases`` collection), if it is close enough.

@@ -26,14 +26,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from eval.results import percentile
+
 __all__ = ["bench_adapter"]
 
-
-def _pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    s = sorted(values)
-    return round(s[min(len(s) - 1, int(q * (len(s) - 1) + 0.5))], 3)
 
 
 def _peft_folder(adapter: Path) -> Path:
@@ -108,7 +104,7 @@ def bench_adapter(adapter: str | Path, preset: str = "smollm2-135m", prompts: in
     def summary(name: str, load_s: float) -> dict[str, Any]:
         secs = [r[name]["seconds"] for r in rows]
         toks = sum(r[name]["tokens"] for r in rows)
-        return {"load_s": round(load_s, 2), "p50_s": _pct(secs, 0.5), "mean_s": round(statistics.fmean(secs), 3) if secs else None,
+        return {"load_s": round(load_s, 2), "p50_s": percentile(secs, 0.5), "mean_s": round(statistics.fmean(secs), 3) if secs else None,
                 "tokens_per_s": round(toks / sum(secs), 2) if secs and sum(secs) else None,
                 "valid": sum(r[name]["valid"] for r in rows)}
 

@@ -50,7 +50,7 @@ from agent.records import (
     Verdict,
     check_citations,
 )
-from eval.results import write_result
+from eval.results import percentile, write_result
 
 __all__ = ["ExtraPassageStore", "INJECTION_PAYLOADS", "RULE_CASES", "SuiteCandidates", "hdfs_part", "injection_suite", "rule_suite",
            "run", "synth_candidates"]
@@ -345,13 +345,6 @@ def _sum_stats(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 # ================================================================================ HDFS part
 
-def _percentile(values: Sequence[float], q: float) -> float | None:
-    if not values:
-        return None
-    s = sorted(values)
-    idx = min(len(s) - 1, max(0, int(round(q * (len(s) - 1)))))
-    return round(s[idx], 3)
-
 
 def overhead(stats: dict[str, Any]) -> dict[str, Any]:
     """Our time (retrieval, prompt, validation) as a share of the model's time."""
@@ -424,11 +417,11 @@ def hdfs_part(data_dir: Path, model: Any, store: Any, *, limit: int = 200, seed:
         "model_alone_accuracy": round(model_acc, 4) if model_acc is not None else None,
         "weights": {"detector": explainer.weights.detector, "model": explainer.weights.model},
         "uncertain": sum(r["label"] == "uncertain" for r in rows),
-        "latency_p50_s": _percentile(latencies, 0.5), "latency_p90_s": _percentile(latencies, 0.9),
+        "latency_p50_s": percentile(latencies, 0.5), "latency_p90_s": percentile(latencies, 0.9),
         "latency_mean_s": round(statistics.fmean(latencies), 3) if latencies else None,
-        "model_verdict_latency_p50_s": _percentile(model_lat, 0.5),
-        "model_call_latency_p50_s": _percentile(call_latencies, 0.5),
-        "model_call_latency_p90_s": _percentile(call_latencies, 0.9),
+        "model_verdict_latency_p50_s": percentile(model_lat, 0.5),
+        "model_call_latency_p50_s": percentile(call_latencies, 0.5),
+        "model_call_latency_p90_s": percentile(call_latencies, 0.9),
         "prepare_s": round(prep_s, 1), "stats": stats, "overhead": overhead(stats), "rows": rows,
     }
 

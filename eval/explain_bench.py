@@ -32,14 +32,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from eval.results import percentile
+
 __all__ = ["bench_explain"]
 
-
-def _pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    s = sorted(values)
-    return round(s[min(len(s) - 1, int(q * (len(s) - 1) + 0.5))], 3)
 
 
 def bench_explain(model: str = "smollm2-135m", repeats: int = 1, knowledge: bool = True,
@@ -103,8 +99,8 @@ def bench_explain(model: str = "smollm2-135m", repeats: int = 1, knowledge: bool
         "overhead_share": round(around / stats["model_s"], 4) if stats["model_s"] else None,
         "overhead_seconds": round(around, 3), "model_seconds": round(stats["model_s"], 3),
         "ratio_vs_raw": round(sum(r["ours_s"] for r in single) / sum(r["raw_s"] for r in single), 4) if single else None,
-        "ours_p50_s": _pct(ours_t, 0.5), "ours_p90_s": _pct(ours_t, 0.9),
-        "raw_p50_s": _pct(raw_t, 0.5), "raw_p90_s": _pct(raw_t, 0.9),
+        "ours_p50_s": percentile(ours_t, 0.5), "ours_p90_s": percentile(ours_t, 0.9),
+        "raw_p50_s": percentile(raw_t, 0.5), "raw_p90_s": percentile(raw_t, 0.9),
         "ours_mean_tokens": round(statistics.fmean(r["ours_tokens"] or 0 for r in rows), 1) if rows else None,
         "retries": sum(r["ours_calls"] > 1 for r in rows), "fallbacks": stats["fallbacks"],
         "stats": stats, "rows": rows,

@@ -59,7 +59,7 @@ from typing import Any
 from agent.explain import AnswerError, Explainer, parse_answer
 from agent.models import Message
 from agent.records import Candidate
-from eval.results import write_result
+from eval.results import percentile, write_result
 from finetune.dataset import (
     ExtraPassageStore,
     Rendered,
@@ -269,12 +269,6 @@ def _share(xs: Sequence[bool]) -> float | None:
     return round(sum(bool(x) for x in xs) / len(xs), 4) if xs else None
 
 
-def _pct(values: Sequence[float], q: float) -> float | None:
-    if not values:
-        return None
-    s = sorted(values)
-    return round(s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))], 3)
-
 
 def summarise(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """The metrics of one model (see the module doc)."""
@@ -315,7 +309,7 @@ def summarise(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "injection": {"pairs": len(pairs), "both_valid": len(both), "label_flips": len(label_flips),
                       "verdict_flips": len(verdict_flips), "obeyed": len(obeyed),
                       "dirty_invalid": sum(1 for p in pairs.values() if "dirty" in p and not p["dirty"]["answer_valid"])},
-        "latency_p50_s": _pct(secs, 0.5), "latency_p90_s": _pct(secs, 0.9),
+        "latency_p50_s": percentile(secs, 0.5), "latency_p90_s": percentile(secs, 0.9),
         "latency_mean_s": round(statistics.fmean(secs), 3) if secs else None,
         "mean_answer_chars": round(statistics.fmean([r["chars"] for r in rows]), 1) if rows else None,
         "by_part": {part: {"cases": len(rs), "answer_valid": _share([r["answer_valid"] for r in rs]),

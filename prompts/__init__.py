@@ -28,6 +28,7 @@ from typing import Any
 import jinja2
 
 from detectors.records import Candidate
+from prompts.injection import instruction_marker, withheld
 
 __all__ = [
     "PROMPT_VERSION",
@@ -78,6 +79,13 @@ def _flat(value: Any, limit: int) -> str:
     """One neutralised line of at most ``limit`` characters."""
     s = neutralise(" ".join(str(value).split()))
     return s if len(s) <= limit else s[: max(0, limit - 1)] + "…"
+
+
+def _data(value: Any, limit: int) -> str:
+    """Untrusted text (log lines, templates, file names, passages) as :func:`_flat`, or
+    ``[withheld: <marker>]`` when it reads as an instruction (:mod:`prompts.injection`)."""
+    marker = instruction_marker(value)
+    return withheld(marker) if marker else _flat(value, limit)
 
 
 @lru_cache(maxsize=1)
@@ -219,7 +227,7 @@ def _evidence_rows(data: Mapping[str, Any], seen: dict[str, str], eid: str,
         where = f"lines {shown}" + (f" ({total} total)" if isinstance(total, int) and total > len(lines[:MAX_LINES_PER_EVIDENCE]) else "")
     if isinstance(templates, list) and templates:
         for t in list(dict.fromkeys(str(t) for t in templates if str(t) != "<unseen>"))[:MAX_LINES_PER_EVIDENCE]:
-            rows.append("template: " + _flat(t, MAX_LINE_CHARS))
+            rows.append("template: " + _data(t, MAX_LINE_CHARS))
     if isinstance(texts, list) and texts:
         nums = lines if isinstance(lines, list) else []
         tpls = templates if isinstance(templates, list) else []
@@ -236,7 +244,7 @@ def _evidence_rows(data: Mapping[str, Any], seen: dict[str, str], eid: str,
             text = str(text)
             if sequence and len(sequence) >= 6:
                 text = text.replace(sequence, "<seq>")
-            rows.append(f"{label}: " + _flat(text, MAX_LINE_CHARS))
+            rows.append(f"{label}: " + _data(text, MAX_LINE_CHARS))
         if repeated:
             where += f" (shown under {', '.join(dict.fromkeys(repeated))})"
     for key in ("t0", "t1"):
@@ -247,7 +255,7 @@ def _evidence_rows(data: Mapping[str, Any], seen: dict[str, str], eid: str,
         if isinstance(items, list):
             for v in items[:4]:
                 if isinstance(v, Mapping):
-                    rows.append("variable: " + _flat(", ".join(f"{k}={v[k]}" for k in list(v)[:5]), MAX_LINE_CHARS))
+                    rows.append("variable: " + _data(", ".join(f"{k}={v[k]}" for k in list(v)[:5]), MAX_LINE_CHARS))
             break
     for key in ("bbox", "frames", "defect", "channel"):  # counts and ranges are in the summary already
         if key in data and len(rows) < 2 * MAX_LINES_PER_EVIDENCE:
@@ -288,8 +296,8 @@ def render_explain(candidate: Candidate, passages: Iterable[Any] = (), rules: It
         seq = candidate.locator.get("sequence")
         reason, where, rows = _evidence_rows(ev.data, seen, alias, seq if isinstance(seq, str) else None)
         ev_ctx.append({"id": alias, "kind": ev.kind.value, "reason": reason, "where": where,
-                       "summary": _flat(ev.summary, MAX_SUMMARY_CHARS), "rows": rows})
-    loc = [(_flat(k, 40), _flat(json.dumps(v, default=str) if not isinstance(v, str) else v, MAX_FIELD_CHARS))
+                       "summary": _data(ev.summary, MAX_SUMMARY_CHARS), "rows": rows})
+    loc = [(_flat(k, 40), _data(json.dumps(v, default=str) if not isinstance(v, str) else v, MAX_FIELD_CHARS))
            for k, v in list(candidate.locator.items())[:MAX_LOCATOR_KEYS]]
     ratio = _num(candidate.score / candidate.threshold) if candidate.threshold else "n/a"
     cand_ctx = {
@@ -301,11 +309,11 @@ def render_explain(candidate: Candidate, passages: Iterable[Any] = (), rules: It
         "score": _num(candidate.score),
         "threshold": _num(candidate.threshold),
         "ratio": ratio,
-        "source": _flat(candidate.source, MAX_FIELD_CHARS),
-        "locator": loc or [("candidate id", _flat(candidate.id, MAX_FIELD_CHARS))],
+        "source": _data(candidate.source, MAX_FIELD_CHARS),
+        "locator": loc or [("candidate id", _data(candidate.id, MAX_FIELD_CHARS))],
     }
-    p_ctx = [{"id": alias, "source": _flat(p.source, 80), "heading": _flat(p.heading.split(" > ")[-1], 60),
-              "text": _flat(p.text, MAX_PASSAGE_CHARS)} for alias, p in zip(p_alias, passages)]
+    p_ctx = [{"id": alias, "source": _data(p.source, 80), "heading": _data(p.heading.split(" > ")[-1], 60),
+              "text": _data(p.text, MAX_PASSAGE_CHARS)} for alias, p in zip(p_alias, passages)]
     r_ctx = []
     for r in rules:
         eff = getattr(r, "effect", None)

@@ -86,14 +86,24 @@ def test_rule_suite_all_pass_with_fake_model(cands: ev.SuiteCandidates) -> None:
     assert all(c["compiled"] and c["explained_by"] == "model" for c in res["cases"])
 
 
-def test_injection_suite_careful_passes_naive_fails(cands: ev.SuiteCandidates) -> None:
+def test_injection_suite_careful_passes_naive_fails(cands: ev.SuiteCandidates, monkeypatch: pytest.MonkeyPatch) -> None:
     careful_res = ev.injection_suite(FakeModel(careful, "fake-careful"), cands, n=24, echo=lambda _s: None)
     assert careful_res["total"] == 24
     assert careful_res["passed"] == 24, [c for c in careful_res["cases"] if not c["passed"]]
     assert {c["where"] for c in careful_res["cases"]} == set(ev.INJECTION_WHERE)
     assert all(c["dirty_by"] == "model" for c in careful_res["cases"])
+    # A model that obeys whatever it reads: the withheld instruction text never reaches it ...
     naive_res = ev.injection_suite(FakeModel(naive, "fake-naive"), cands, n=24, echo=lambda _s: None)
-    assert naive_res["passed"] < naive_res["total"]  # the suite catches a model that obeys injected text
+    assert naive_res["passed"] == naive_res["total"] == 24
+    assert not any(c["payload_visible"] for c in naive_res["cases"])
+    # ... and without the quarantine the suite catches it (the suite can fail).
+    import agent.explain as ax
+    import prompts
+
+    monkeypatch.setattr(prompts, "instruction_marker", lambda _text: None)
+    monkeypatch.setattr(ax, "instruction_marker", lambda _text: None)
+    exposed = ev.injection_suite(FakeModel(naive, "fake-naive"), cands, n=24, echo=lambda _s: None)
+    assert exposed["passed"] < exposed["total"]
 
 
 def test_run_without_data_writes_json_and_markdown(tmp_path: Path) -> None:
@@ -110,6 +120,9 @@ def test_run_without_data_writes_json_and_markdown(tmp_path: Path) -> None:
 
 
 def test_percentile_and_overhead() -> None:
-    assert ev._percentile([3.0, 1.0, 2.0], 0.5) == 2.0 and ev._percentile([], 0.5) is None
+    from eval.results import percentile
+
+    assert percentile([3.0, 1.0, 2.0], 0.5) == 2.0 and percentile([], 0.5) is None
+    assert percentile([1.0, 2.0, 3.0, 4.0], 0.9) == 4.0
     o = ev.overhead({"retrieval_s": 0.1, "prompt_s": 0.1, "validate_s": 0.05, "model_s": 1.0})
     assert o["share_of_model_time"] == pytest.approx(0.25)
