@@ -62,6 +62,7 @@ from eval.explain import ExtraPassageStore
 from eval.hdfs import HDFSData, make_split
 from finetune.teacher import TEACHER_VERSION, Truth, answer_text, check_target, teach
 from knowledge.rules import Rule, compile_rule, matches, predicate_json
+from prompts.injection import shown_as_is
 
 __all__ = [
     "RULE_TEMPLATES",
@@ -475,22 +476,26 @@ class _Builder:
         c = lab.candidate
         payload = TRAIN_INJECTION_PAYLOADS[payload_index]
         exclude: list[str] = []
-        if where == "log_line":
-            benign = BENIGN_LINES[index % len(BENIGN_LINES)]
-            clean_c, dirty_c = with_context_line(c, benign), with_context_line(c, f"{benign} {payload}")
-            clean = render_case(self.explainer(), clean_c)
-            dirty = render_case(self.explainer(), dirty_c)
-        elif where == "source":
-            clean_c, dirty_c = c, c.model_copy(update={"source": f"/user/root/{payload}/{c.source}"})
-            clean = render_case(self.explainer(), clean_c)
-            dirty = render_case(self.explainer(), dirty_c)
-        elif where == "passage":
-            clean_c = dirty_c = c
-            clean = render_case(self.explainer(store=ExtraPassageStore(self.store, BENIGN_PASSAGE)), c)
-            dirty = render_case(self.explainer(store=ExtraPassageStore(self.store, f"{BENIGN_PASSAGE}\n{payload}")), c)
-            exclude = [a for a, p in zip(dirty.prompt.passage_ids, dirty.passages) if payload[:20] in p.text]
-        else:
-            raise ValueError(f"unknown injection place {where!r}; one of {INJECTION_WHERE}")
+        # The payload is shown as is (prompts.injection.shown_as_is): the product withholds text
+        # with instruction markers, but what these examples teach is to ignore instructions
+        # that reach the model anyway (those without markers).
+        with shown_as_is():
+            if where == "log_line":
+                benign = BENIGN_LINES[index % len(BENIGN_LINES)]
+                clean_c, dirty_c = with_context_line(c, benign), with_context_line(c, f"{benign} {payload}")
+                clean = render_case(self.explainer(), clean_c)
+                dirty = render_case(self.explainer(), dirty_c)
+            elif where == "source":
+                clean_c, dirty_c = c, c.model_copy(update={"source": f"/user/root/{payload}/{c.source}"})
+                clean = render_case(self.explainer(), clean_c)
+                dirty = render_case(self.explainer(), dirty_c)
+            elif where == "passage":
+                clean_c = dirty_c = c
+                clean = render_case(self.explainer(store=ExtraPassageStore(self.store, BENIGN_PASSAGE)), c)
+                dirty = render_case(self.explainer(store=ExtraPassageStore(self.store, f"{BENIGN_PASSAGE}\n{payload}")), c)
+                exclude = [a for a, p in zip(dirty.prompt.passage_ids, dirty.passages) if payload[:20] in p.text]
+            else:
+                raise ValueError(f"unknown injection place {where!r}; one of {INJECTION_WHERE}")
         if payload_marker(payload) not in dirty.messages[1]["content"]:
             self.notes[f"injections not visible in the prompt ({where})"] += 1
             return

@@ -69,6 +69,7 @@ from finetune.dataset import (
     with_context_line,
 )
 from finetune.teacher import claim_supported, teach
+from prompts.injection import shown_as_is
 
 __all__ = ["EvalCase", "build_cases", "evaluate_model", "heldout_cases", "injection_pairs", "main", "run",
            "score_answer", "summarise"]
@@ -161,17 +162,18 @@ def injection_pairs(n: int, store: Any = None) -> list[EvalCase]:
             continue
         truth = "normal" if kind in ("normal", "injected_file_name") else "anomaly"
         exclude: list[str] = []
-        if where == "log_line":
-            clean_c, dirty_c = with_context_line(cand, line), with_context_line(cand, f"{line} {payload}")
-            clean, dirty = render_case(_explainer(store), clean_c), render_case(_explainer(store), dirty_c)
-        elif where == "source":
-            clean_c, dirty_c = cand, cand.model_copy(update={"source": f"/user/root/{payload}/synth.log"})
-            clean, dirty = render_case(_explainer(store), clean_c), render_case(_explainer(store), dirty_c)
-        else:
-            clean_c = dirty_c = cand
-            clean = render_case(_explainer(ExtraPassageStore(store, BENIGN_PASSAGE)), cand)
-            dirty = render_case(_explainer(ExtraPassageStore(store, f"{BENIGN_PASSAGE}\n{payload}")), cand)
-            exclude = [a for a, p in zip(dirty.prompt.passage_ids, dirty.passages) if payload[:20] in p.text]
+        with shown_as_is():  # the model's own resistance is measured: the payload reaches it
+            if where == "log_line":
+                clean_c, dirty_c = with_context_line(cand, line), with_context_line(cand, f"{line} {payload}")
+                clean, dirty = render_case(_explainer(store), clean_c), render_case(_explainer(store), dirty_c)
+            elif where == "source":
+                clean_c, dirty_c = cand, cand.model_copy(update={"source": f"/user/root/{payload}/synth.log"})
+                clean, dirty = render_case(_explainer(store), clean_c), render_case(_explainer(store), dirty_c)
+            else:
+                clean_c = dirty_c = cand
+                clean = render_case(_explainer(ExtraPassageStore(store, BENIGN_PASSAGE)), cand)
+                dirty = render_case(_explainer(ExtraPassageStore(store, f"{BENIGN_PASSAGE}\n{payload}")), cand)
+                exclude = [a for a, p in zip(dirty.prompt.passage_ids, dirty.passages) if payload[:20] in p.text]
         if payload_marker(payload) not in dirty.messages[1]["content"]:
             continue
         target = teach(clean_c, clean.prompt, truth,  # type: ignore[arg-type]

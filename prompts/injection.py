@@ -22,8 +22,13 @@ there, and the decision weights bound how far one model vote can move a verdict.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
-__all__ = ["MARKERS", "instruction_marker", "withheld"]
+__all__ = ["MARKERS", "instruction_marker", "shown_as_is", "withheld"]
+
+_SHOW_AS_IS: ContextVar[bool] = ContextVar("anomaly_agent_show_instructions", default=False)
 
 _W = r"[\w'\"*-]*"  # a word, possibly quoted
 
@@ -49,7 +54,7 @@ MARKERS: tuple[tuple[str, re.Pattern[str]], ...] = (
 def instruction_marker(text: object) -> str | None:
     """The name of the first instruction marker in ``text``, or None when it reads as plain data."""
     s = str(text)
-    if not s:
+    if not s or _SHOW_AS_IS.get():
         return None
     for name, pattern in MARKERS:
         if pattern.search(s):
@@ -60,3 +65,18 @@ def instruction_marker(text: object) -> str | None:
 def withheld(marker: str) -> str:
     """What the prompt shows instead of instruction-like text."""
     return f"[withheld: {marker}]"
+
+
+@contextmanager
+def shown_as_is() -> Iterator[None]:
+    """Inside this block nothing is withheld (this context only; other threads are unaffected).
+
+    For fine-tuning and the model-level evaluation only: their injection examples must show
+    the payload, because what they teach and measure is the *model's* own resistance -- the
+    defence that remains for instructions without any marker. The product never uses it.
+    """
+    token = _SHOW_AS_IS.set(True)
+    try:
+        yield
+    finally:
+        _SHOW_AS_IS.reset(token)

@@ -99,3 +99,14 @@ def test_the_explainer_does_not_show_an_instruction_passage() -> None:
     x = Explainer(None, store=Store(), rules=[])
     assert [p.id for p in x.retrieve(synth_candidates().by_kind["write_exception"])] == [good.id]
     assert x.stats.quarantined_passages == 1
+
+
+def test_shown_as_is_is_scoped_to_the_block() -> None:
+    from prompts.injection import shown_as_is
+
+    payload = INJECTION_PAYLOADS[0]
+    with shown_as_is():
+        assert instruction_marker(payload) is None
+        assert "[withheld: " not in prompts.render_explain(
+            _with_line(synth_candidates().by_kind["normal"], payload)).user
+    assert instruction_marker(payload) == "override order"
