@@ -360,7 +360,7 @@ def hdfs_part(data_dir: Path, model: Any, store: Any, *, limit: int = 200, seed:
               weights: DecisionWeights | None = None, echo: Echo = print) -> dict[str, Any]:
     """Explain up to ``limit`` balanced HDFS test sessions; see the module doc."""
     from detectors.registry import make_detector
-    from eval.hdfs import load_hdfs, make_split
+    from eval.hdfs import balanced_sample, load_hdfs, make_split
 
     t0 = time.perf_counter()
     split = make_split(load_hdfs(Path(data_dir)), 0.8)
@@ -368,12 +368,8 @@ def hdfs_part(data_dir: Path, model: Any, store: Any, *, limit: int = 200, seed:
     detector.fit(split.train_normal)
     scores = detector.score(split.test)
     prep_s = time.perf_counter() - t0
-    rng = random.Random(seed)
-    anomalous = [i for i, y in enumerate(split.y_test) if y]
-    normal = [i for i, y in enumerate(split.y_test) if not y]
-    n_anom = min(len(anomalous), limit // 2)
-    n_norm = min(len(normal), limit - n_anom)
-    chosen = sorted(rng.sample(anomalous, n_anom) + rng.sample(normal, n_norm))
+    chosen, n_anom = balanced_sample(range(len(split.y_test)), split.y_test, limit, random.Random(seed))
+    n_norm = len(chosen) - n_anom
     explainer = Explainer(model, store=store, rules=[], weights=weights)
     rows = []
     latencies = []
@@ -443,7 +439,7 @@ def calibration_part(data_dir: Path, model: Any, store: Any, *, limit: int = 60,
     rules-only fallback counts as wrong.
     """
     from detectors.registry import make_detector
-    from eval.hdfs import load_hdfs, make_split
+    from eval.hdfs import balanced_sample, load_hdfs, make_split
 
     data = load_hdfs(Path(data_dir))
     lo, hi = CALIBRATION_SPLIT
@@ -452,11 +448,7 @@ def calibration_part(data_dir: Path, model: Any, store: Any, *, limit: int = 60,
     detector = make_detector("log-ensemble")
     detector.fit(split.train_normal)
     pool = [i for i, s in enumerate(split.test) if s.id in window]
-    rng = random.Random(seed)
-    anomalous = [i for i in pool if split.y_test[i]]
-    normal = [i for i in pool if not split.y_test[i]]
-    n_anom = min(len(anomalous), limit // 2)
-    chosen = sorted(rng.sample(anomalous, n_anom) + rng.sample(normal, min(len(normal), limit - n_anom)))
+    chosen, n_anom = balanced_sample(pool, split.y_test, limit, random.Random(seed))
     scores = detector.score([split.test[i] for i in chosen])
     explainer = Explainer(model, store=store, rules=[], weights=DecisionWeights())
     det_ok = model_ok = 0

@@ -10,6 +10,7 @@ detector's own rule on training scores (``contamination``), never from test labe
 from __future__ import annotations
 
 import csv
+import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -103,6 +104,20 @@ def make_split(data: HDFSData, train_fraction: float, parser: ParserConfig | Non
         y_train=np.array([data.labels[s.id] for s in train_all]),
         parser_seconds=elapsed,
     )
+
+
+def balanced_sample(pool: Sequence[int], labels: Sequence[Any], limit: int, rng: random.Random) -> tuple[list[int], int]:
+    """Up to ``limit`` indices of ``pool``, half anomalous (``labels[i]`` true) when there are enough.
+
+    Anomalies are rare (1.3% of HDFS test sessions), so an unbalanced sample would measure
+    mostly the easy normals. Anomalies are drawn first, then normals fill the rest; the draws
+    depend only on ``rng``'s seed. Returns the sorted indices and how many are anomalous.
+    """
+    anomalous = [i for i in pool if labels[i]]
+    normal = [i for i in pool if not labels[i]]
+    n_anom = min(len(anomalous), limit // 2)
+    n_norm = min(len(normal), limit - n_anom)
+    return sorted(rng.sample(anomalous, n_anom) + rng.sample(normal, n_norm)), n_anom
 
 
 def prf(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float | int]:

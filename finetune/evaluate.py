@@ -106,17 +106,12 @@ def heldout_cases(data: Any, part: str, *, limit: int, seed: int = 0, store: Any
                   train_fraction: float = 0.8, source: str = "HDFS_2pct.log") -> list[EvalCase]:
     """``limit`` balanced test-part sessions of a labelled log (HDFSData), as candidates + teacher answers."""
     from detectors.registry import make_detector
-    from eval.hdfs import make_split
+    from eval.hdfs import balanced_sample, make_split
 
     split = make_split(data, train_fraction)
     detector = make_detector("log-ensemble")
     detector.fit(split.train_normal)
-    rng = random.Random(seed)
-    anomalous = [i for i, y in enumerate(split.y_test) if y]
-    normal = [i for i, y in enumerate(split.y_test) if not y]
-    n_anom = min(len(anomalous), limit // 2)
-    n_norm = min(len(normal), limit - n_anom)
-    chosen = sorted(rng.sample(anomalous, n_anom) + rng.sample(normal, n_norm))
+    chosen, _ = balanced_sample(range(len(split.y_test)), split.y_test, limit, random.Random(seed))
     seqs = [split.test[i] for i in chosen]
     scores = detector.score(seqs) if seqs else []
     x = _explainer(store)

@@ -35,19 +35,7 @@ from knowledge.ingest import ingest_file
 
 pytestmark = pytest.mark.timeout(300)
 
-RUNBOOK = """# HDFS DataNode runbook
-
-## Block size out of range
-
-A block whose reported size is far outside the configured block size means a corrupted packet
-header or a misbehaving DataNode client. Check the DataNode's disk and network, then verify the
-block with fsck.
-
-## Exceptions in the write pipeline
-
-Repeated exceptions while receiving a block mean a DataNode in the pipeline failed; the client
-rebuilds the pipeline without it. Check the DataNode log for the first exception.
-"""
+RUNBOOK = (Path(__file__).resolve().parents[1] / "data" / "hdfs_runbook.md").read_text(encoding="utf-8")
 
 
 class World:

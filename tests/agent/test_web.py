@@ -42,19 +42,7 @@ if not Path(CHROMIUM).is_file():
 
 pytestmark = pytest.mark.timeout(300)
 
-RUNBOOK = """# HDFS DataNode runbook
-
-## Block size out of range
-
-A block whose reported size is far outside the configured block size means a corrupted packet
-header or a misbehaving DataNode client. Check the DataNode's disk and network, then verify the
-block with fsck.
-
-## Exceptions in the write pipeline
-
-Repeated exceptions while receiving a block mean a DataNode in the pipeline failed; the client
-rebuilds the pipeline without it.
-"""
+RUNBOOK = (REPO / "tests" / "data" / "hdfs_runbook.md").read_text(encoding="utf-8")
 
 
 def test_analyst_flow_in_chromium(tmp_path: Path) -> None:
