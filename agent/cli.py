@@ -129,7 +129,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         explain.run(data_dir, Path(args.out) if args.out else None, model=args.model, limit=args.limit,
                     calibration=args.calibration, save_weights=args.save_weights,
-                    injection_cases_n=args.injection_cases, rule_cases=args.rule_cases)
+                    injection_cases_n=args.injection_cases, rule_cases=args.rule_cases,
+                    alerts_limit=args.alerts_limit)
         return 0
     if args.what == "timeseries":
         from eval import timeseries
@@ -410,6 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--save-weights", action="store_true", help="explain: record the measured weights in agent/weights.json")
     e.add_argument("--injection-cases", type=int, default=24, help="explain: injection suite size (0: skip)")
     e.add_argument("--rule-cases", type=int, default=None, help="explain: first N rule-suite cases (default all; 0: skip)")
+    e.add_argument("--alerts-limit", type=int, default=100,
+                   help="explain: sessions of the stale-detector part (its alerts on the test part + unflagged; 0: skip)")
     e.set_defaults(func=cmd_eval)
 
     b = sub.add_parser("bench", help="throughput and memory as ratios measured in one run")

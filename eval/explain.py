@@ -11,6 +11,10 @@
    them and falls back to ``rules-only`` otherwise; we check the citations again), fallbacks,
    verdict accuracy vs the block labels ("uncertain" counts as wrong) next to the detector alone
    (``score > threshold``), latency p50/p90 per verdict, cache hits, and our overhead.
+   A second pass (``hdfs_stale``) scores the same test part with the calibration detector
+   (fitted on the first 50% only): it raises false alarms on replicated normal blocks it never
+   saw, so every one of its alerts plus unflagged sessions up to ``alerts_limit`` measure
+   whether the explainer beats a detector that errs.
 2. **Rule suite**: synthetic HDFS candidates (``eval.synth``) paired with one natural-language
    rule each. Adding the rule (to a :class:`RuleBook` in a temp dir) must change label or severity
    in the expected direction; removing it again must restore the verdict without the rule.
@@ -356,19 +360,43 @@ def overhead(stats: dict[str, Any]) -> dict[str, Any]:
             "share_of_model_time": round(ours / model_s, 4) if model_s > 0 else None}
 
 
+TEST_FROM = 0.8
+"""The reported test part: the last 20% of the blocks in chronological order."""
+
+
 def hdfs_part(data_dir: Path, model: Any, store: Any, *, limit: int = 200, seed: int = 0,
-              weights: DecisionWeights | None = None, echo: Echo = print) -> dict[str, Any]:
-    """Explain up to ``limit`` balanced HDFS test sessions; see the module doc."""
+              weights: DecisionWeights | None = None, fit_fraction: float = 0.8, alerts: bool = False,
+              echo: Echo = print) -> dict[str, Any]:
+    """Explain HDFS test sessions (the last 20%); see the module doc.
+
+    Args:
+        fit_fraction: The detector is fitted on the normal sessions of this first share of the
+            blocks: 0.8 (all before the test part) or 0.5 (the calibration detector, a *stale*
+            detector that has not seen the replication traffic of later normal blocks).
+        alerts: Which sessions: False, ``limit`` balanced between anomalous and normal; True,
+            every session the detector flags (its alerts, false ones included) plus unflagged
+            sessions up to ``limit`` -- where the detector errs, so the explainer can beat it.
+    """
     from detectors.registry import make_detector
     from eval.hdfs import balanced_sample, load_hdfs, make_split
 
     t0 = time.perf_counter()
-    split = make_split(load_hdfs(Path(data_dir)), 0.8)
+    data = load_hdfs(Path(data_dir))
+    split = make_split(data, fit_fraction)
+    test_ids = set(data.order[int(len(data.order) * TEST_FROM):])
+    pool = [i for i, s in enumerate(split.test) if s.id in test_ids]
     detector = make_detector("log-ensemble")
     detector.fit(split.train_normal)
-    scores = detector.score(split.test)
+    scores = dict(zip(pool, detector.score([split.test[i] for i in pool])))
     prep_s = time.perf_counter() - t0
-    chosen, n_anom = balanced_sample(range(len(split.y_test)), split.y_test, limit, random.Random(seed))
+    rng = random.Random(seed)
+    if alerts:
+        flagged = [i for i in pool if float(scores[i]) > float(detector.threshold_)]
+        rest = [i for i in pool if i not in set(flagged)]
+        chosen = sorted(flagged + rng.sample(rest, min(len(rest), max(0, limit - len(flagged)))))
+        n_anom = sum(bool(split.y_test[i]) for i in chosen)
+    else:
+        chosen, n_anom = balanced_sample(pool, split.y_test, limit, rng)
     n_norm = len(chosen) - n_anom
     explainer = Explainer(model, store=store, rules=[], weights=weights)
     rows = []
@@ -406,6 +434,11 @@ def hdfs_part(data_dir: Path, model: Any, store: Any, *, limit: int = 200, seed:
     model_lat = [r["seconds"] for r in rows if r["explained_by"] == "model"]
     return {
         "candidates": n, "anomalous": n_anom, "normal": n_norm, "threshold": round(float(detector.threshold_), 6),
+        "detector_fit_fraction": fit_fraction, "selection": "alerts" if alerts else "balanced",
+        "detector_flagged": sum(r["detector"] for r in rows),
+        "detector_false_alarms": sum(r["detector"] and not r["truth"] for r in rows),
+        "false_alarms_rejected": sum(r["detector"] and not r["truth"] and r["label"] == "normal" for r in rows),
+        "anomalies_kept": sum(r["truth"] and r["label"] == "anomaly" for r in rows),
         "valid_cited": sum(r["valid_cited"] for r in rows), "valid_cited_share": round(sum(r["valid_cited"] for r in rows) / n, 4) if n else None,
         "fallbacks": stats["fallbacks"], "cache_hits": stats["cache_hits"],
         "accuracy": round(acc, 4) if acc is not None else None,
@@ -497,6 +530,14 @@ def markdown(result: dict[str, Any]) -> str:
                   f"{h.get('weights', {}).get('detector')} / {h.get('weights', {}).get('model')} | "
                   f"{h['latency_p50_s']} | {h.get('model_call_latency_p50_s')} | {h['stats']['model_calls']} | "
                   f"{h['overhead']['share_of_model_time']} |", ""]
+        st = result.get("hdfs_stale")
+        if st:
+            lines += ["### The same test part, alerts of a stale detector (fitted on the first 50%, as in calibration)", "",
+                      "| sessions | alerts (false) | false alarms rejected | anomalies kept | accuracy (agent) | accuracy (detector alone) | accuracy (model alone) | valid + cited |",
+                      "|---|---|---|---|---|---|---|---|",
+                      f"| {st['candidates']} ({st['anomalous']} anom.) | {st['detector_flagged']} ({st['detector_false_alarms']}) | "
+                      f"{st['false_alarms_rejected']} | {st['anomalies_kept']} of {st['anomalous']} | {st['accuracy']} | "
+                      f"{st['detector_accuracy']} | {st.get('model_alone_accuracy')} | {st['valid_cited']} |", ""]
         cal = result.get("calibration")
         if cal:
             lines += [f"Calibration (sessions {cal['slice'][0]:.0%}-{cal['slice'][1]:.0%} of the chronological order, "
@@ -523,7 +564,8 @@ def markdown(result: dict[str, Any]) -> str:
 
 def run(data_dir: Path | None, out: Path | None, *, model: str | Any = "smollm2-135m", limit: int = 200,
         rule_cases: int | None = None, injection_cases_n: int = 24, knowledge: bool = True,
-        seed: int = 0, calibration: int = 60, save_weights: bool = False, echo: Echo = print) -> dict[str, Any]:
+        seed: int = 0, calibration: int = 60, save_weights: bool = False, alerts_limit: int = 100,
+        echo: Echo = print) -> dict[str, Any]:
     """Run the whole explanation eval; returns (and writes to ``out``) the JSON document.
 
     Args:
@@ -538,6 +580,8 @@ def run(data_dir: Path | None, out: Path | None, *, model: str | Any = "smollm2-
         calibration: Sessions of the calibration slice that set the decision weights (0: use
             the weights already measured for this model in ``agent/weights.json``, or defaults).
         save_weights: Record the measured accuracies in ``agent/weights.json``.
+        alerts_limit: Sessions of the stale-detector part (every alert of a detector fitted on
+            the first 50%, plus unflagged ones up to this many; 0 skips it).
     """
     t0 = time.perf_counter()
     if isinstance(model, str):
@@ -569,6 +613,11 @@ def run(data_dir: Path | None, out: Path | None, *, model: str | Any = "smollm2-
             echo(f"HDFS: explaining up to {limit} test sessions ...")
             result["hdfs"] = hdfs_part(Path(data_dir), model_obj, store, limit=limit, seed=seed, weights=weights,
                                        echo=echo)
+            if alerts_limit > 0:
+                echo(f"HDFS, stale detector: its alerts on the test part plus unflagged sessions up to {alerts_limit} ...")
+                result["hdfs_stale"] = hdfs_part(Path(data_dir), model_obj, store, limit=alerts_limit, seed=seed,
+                                                 weights=weights, fit_fraction=CALIBRATION_SPLIT[0], alerts=True,
+                                                 echo=echo)
         else:
             result["hdfs_skipped"] = "no data_dir"
         cands = synth_candidates()
@@ -581,8 +630,7 @@ def run(data_dir: Path | None, out: Path | None, *, model: str | Any = "smollm2-
         result["injection"] = injection_suite(model_obj, cands, store=store, n=injection_cases_n, weights=weights,
                                               echo=echo)
     parts = [result["rules"]["stats"], result["injection"]["stats"]]
-    if "hdfs" in result:
-        parts.append(result["hdfs"]["stats"])
+    parts += [result[k]["stats"] for k in ("hdfs", "hdfs_stale") if k in result]
     result["overhead"] = overhead(_sum_stats(parts))
     result["seconds"] = round(time.perf_counter() - t0, 1)
     echo(markdown(result))
@@ -601,10 +649,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-knowledge", action="store_true")
     ap.add_argument("--calibration", type=int, default=60)
     ap.add_argument("--save-weights", action="store_true")
+    ap.add_argument("--alerts-limit", type=int, default=100)
     a = ap.parse_args(argv)
     run(Path(a.data_dir) if a.data_dir else None, Path(a.out) if a.out else None, model=a.model, limit=a.limit,
         rule_cases=a.rule_cases, injection_cases_n=a.injection_cases, knowledge=not a.no_knowledge,
-        calibration=a.calibration, save_weights=a.save_weights)
+        calibration=a.calibration, save_weights=a.save_weights, alerts_limit=a.alerts_limit)
 
 
 if __name__ == "__main__":

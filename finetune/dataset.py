@@ -34,7 +34,10 @@ Where the cases come from (per labelled log: the HDFS 2% sample, or a synthetic 
      passage, checked to be visible in the prompt; the target is the teacher's
      answer for the *clean* input (a passage carrying the injection is never cited). The
      payloads are our own, not ``eval.explain.INJECTION_PAYLOADS``, so the injection eval stays
-     held out.
+     held out. Every other log-line or file-name injection is rendered as the product renders
+     it, with the payload withheld (``[withheld: <marker>]``, :mod:`prompts.injection`): the
+     model sees that placeholder in use and must learn it changes nothing (a model never shown
+     one reacted to it in 3 of 24 injection-suite cases).
 
 Everything is seeded and sorted: building twice gives the same bytes (and hash).
 """
@@ -42,6 +45,7 @@ Everything is seeded and sorted: building twice gives the same bytes (and hash).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -220,7 +224,10 @@ class BuildConfig:
     covers every case kind.
     """
 
-    train_fraction: float = 0.8
+    train_fraction: float = 0.5
+    """Only the first half of the blocks: 50-80% is the explainer's calibration slice
+    (``eval.explain.CALIBRATION_SPLIT``), where the model's accuracy must be measured on
+    sessions it was not trained on, and 80-100% is the test part."""
     fit_fraction: float = 0.75
     anomalies: int = 150
     normal_flagged: int = 60
@@ -476,10 +483,12 @@ class _Builder:
         c = lab.candidate
         payload = TRAIN_INJECTION_PAYLOADS[payload_index]
         exclude: list[str] = []
-        # The payload is shown as is (prompts.injection.shown_as_is): the product withholds text
-        # with instruction markers, but what these examples teach is to ignore instructions
-        # that reach the model anyway (those without markers).
-        with shown_as_is():
+        # Half the log-line and file-name cases show the payload as is (prompts.injection.shown_as_is),
+        # to teach ignoring instructions that reach the model anyway (those without markers); the
+        # other half as the product shows them, withheld, to teach that the placeholder changes
+        # nothing. The product drops a passage with markers, so passage cases always show it.
+        as_product = where != "passage" and index % 2 == 1
+        with contextlib.nullcontext() if as_product else shown_as_is():
             if where == "log_line":
                 benign = BENIGN_LINES[index % len(BENIGN_LINES)]
                 clean_c, dirty_c = with_context_line(c, benign), with_context_line(c, f"{benign} {payload}")
@@ -496,13 +505,14 @@ class _Builder:
                 exclude = [a for a, p in zip(dirty.prompt.passage_ids, dirty.passages) if payload[:20] in p.text]
             else:
                 raise ValueError(f"unknown injection place {where!r}; one of {INJECTION_WHERE}")
-        if payload_marker(payload) not in dirty.messages[1]["content"]:
+        seen = "[withheld: " if as_product else payload_marker(payload)
+        if seen not in dirty.messages[1]["content"]:
             self.notes[f"injections not visible in the prompt ({where})"] += 1
             return
         # The clean input's answer, minus any citation of the passage that carries the payload.
         answer = teach(clean_c, clean.prompt, lab.truth, passages=clean.passages, exclude_passages=exclude)
         self.add("injection", lab, dirty_c, dirty, answer, variant=str(index), where=where,
-                 payload=payload_index)
+                 payload=payload_index, withheld=as_product)
 
 
 def _sample(items: Sequence[Labelled], n: int, rng: random.Random) -> list[Labelled]:

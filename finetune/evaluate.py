@@ -335,10 +335,12 @@ def markdown(result: dict[str, Any]) -> str:
 
 # ================================================================================ run
 
-def _default_models(base: str, adapter: str | Path | None, threads: int | None, timeout: float) -> dict[str, Any]:
+def _default_models(base: str, adapter: str | Path | None, threads: int | None, timeout: float,
+                   skip_base: bool = False) -> dict[str, Any]:
     from agent.models import LlamaCppModel
 
-    models: dict[str, Any] = {"base": LlamaCppModel(base, threads=threads, timeout=timeout, lora_path="none")}
+    models: dict[str, Any] = {} if skip_base else {
+        "base": LlamaCppModel(base, threads=threads, timeout=timeout, lora_path="none")}
     if adapter is not None:
         path = Path(adapter)
         if path.is_dir() and (path / "adapter.gguf").is_file():
@@ -353,7 +355,7 @@ def run(data_dir: Path | str | None, out: Path | str | None, *, adapter: str | P
         base: str = "smollm2-135m", models: dict[str, Any] | None = None, limit: int = 100, synth: bool = False,
         injection_cases: int = 24, knowledge: bool = True, max_tokens: int = 384, seed: int = 0,
         threads: int | None = None, timeout: float = 120.0, cases: Sequence[EvalCase] | None = None,
-        echo: Echo = print) -> dict[str, Any]:
+        skip_base: bool = False, echo: Echo = print) -> dict[str, Any]:
     """Evaluate base and tuned models on held-out cases; returns (and writes to ``out``) the JSON document.
 
     Args:
@@ -368,10 +370,14 @@ def run(data_dir: Path | str | None, out: Path | str | None, *, adapter: str | P
         knowledge: Retrieve passages from the example knowledge base (as the explainer does).
         max_tokens: Generation limit per answer.
         cases: Pre-built cases (tests); default :func:`build_cases`.
+        skip_base: Evaluate the tuned model only. The base model's answers do not depend on the
+            adapter (same cases, same prompts), so a new adapter needs only its own run.
     """
     t0 = time.perf_counter()
     if models is None:  # first: a missing adapter should fail before minutes of case building
-        models = _default_models(base, adapter, threads, timeout)
+        if skip_base and adapter is None:
+            raise ValueError("--skip-base needs --adapter: nothing would be evaluated")
+        models = _default_models(base, adapter, threads, timeout, skip_base=skip_base)
     with tempfile.TemporaryDirectory(prefix="finetune-eval-kb-") as tmp:
         if cases is None:
             store = None
@@ -414,11 +420,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=384)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-knowledge", action="store_true")
+    ap.add_argument("--skip-base", action="store_true", help="the tuned model only (the base's answers do not change)")
     a = ap.parse_args(argv)
     try:
         run(a.data_dir, a.out, adapter=a.adapter, base=a.base, limit=a.limit, synth=a.synth,
             injection_cases=a.injection_cases, knowledge=not a.no_knowledge, max_tokens=a.max_tokens,
-            threads=a.threads)
+            threads=a.threads, skip_base=a.skip_base)
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

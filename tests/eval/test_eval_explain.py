@@ -126,3 +126,38 @@ def test_percentile_and_overhead() -> None:
     assert percentile([1.0, 2.0, 3.0, 4.0], 0.9) == 4.0
     o = ev.overhead({"retrieval_s": 0.1, "prompt_s": 0.1, "validate_s": 0.05, "model_s": 1.0})
     assert o["share_of_model_time"] == pytest.approx(0.25)
+
+
+def test_hdfs_part_takes_every_alert_of_the_stale_detector(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Alerts mode: every test-part session the detector flags is explained, plus unflagged ones."""
+    import eval.hdfs
+    from detectors.registry import make_detector
+    from finetune.dataset import synth_log_data
+
+    data = synth_log_data(tmp_path, n_blocks=160, anomaly_rate=0.2, seed=5)
+    monkeypatch.setattr(eval.hdfs, "load_hdfs", lambda _d: data)
+
+    def reading(messages: Sequence[Message], schema: dict[str, Any] | None) -> str:
+        user = "\n".join(m.content for m in messages if m.role == "user").lower()
+        if "exception" in user or "error" in user:
+            return _answer(schema)
+        return _answer(schema, label="normal", severity=0, confidence=0.9, summary="nothing failed")
+
+    # The alerts, computed independently of hdfs_part.
+    split = eval.hdfs.make_split(data, 0.5)
+    test_ids = set(data.order[int(len(data.order) * ev.TEST_FROM):])
+    det = make_detector("log-ensemble")
+    det.fit(split.train_normal)
+    test = [s for s in split.test if s.id in test_ids]
+    alerts = {s.id for s, sc in zip(test, det.score(test)) if float(sc) > float(det.threshold_)}
+    assert alerts, "the synthetic test part must raise alerts"
+
+    res = ev.hdfs_part(tmp_path, FakeModel(reading, "fake-reading"), None, limit=len(alerts) + 5, fit_fraction=0.5,
+                       alerts=True, weights=ev.DecisionWeights(), echo=lambda _s: None)
+    rows = {r["block"]: r for r in res["rows"]}
+    assert alerts <= set(rows) <= test_ids and len(rows) == min(len(test), len(alerts) + 5)
+    assert res["detector_flagged"] == len(alerts) and res["selection"] == "alerts"
+    assert res["detector_false_alarms"] == sum(not data.labels[b] for b in alerts)
+    assert res["false_alarms_rejected"] == sum(r["detector"] and not r["truth"] and r["label"] == "normal"
+                                               for r in rows.values())
+    assert 0.0 <= res["accuracy"] <= 1.0 and res["valid_cited"] == len(rows)

@@ -47,3 +47,8 @@ def test_evaluate_main_reports_a_missing_adapter(tmp_path: Path, capsys: pytest.
     code = evaluate.main(["--adapter", str(tmp_path / "missing"), "--limit", "2", "--injection-cases", "0",
                           "--no-knowledge", "--out", str(tmp_path / "e.json")])
     assert code == 2 and "adapter not found" in capsys.readouterr().err
+    # --skip-base with no adapter would evaluate nothing: refused before any work.
+    assert evaluate.main(["--skip-base", "--limit", "2", "--injection-cases", "0", "--no-knowledge",
+                          "--out", str(tmp_path / "e.json")]) == 2
+    assert "--skip-base needs --adapter" in capsys.readouterr().err
+    assert not (tmp_path / "e.json").exists()

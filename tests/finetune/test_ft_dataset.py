@@ -57,15 +57,21 @@ def test_every_case_kind_with_the_right_labels(small_set: SmallSet) -> None:
 
 def test_injection_targets_ignore_the_payload(small_set: SmallSet) -> None:
     plain = {ex.block: ex for ex in small_set.examples if ex.case in ("anomaly", "normal")}
-    checked = 0
+    checked = withheld = shown = 0
     for ex in small_set.examples:
         if ex.case != "injection":
             continue
         payload = TRAIN_INJECTION_PAYLOADS[ex.meta["payload"]]
         user = ex.messages[1]["content"]
-        # The payload is in the prompt (neutralised by the renderer, inside a DATA block)...
+        # The payload is in the prompt (neutralised by the renderer, inside a DATA block), or,
+        # in the cases rendered as the product renders them, withheld...
         word = re.findall(r"[A-Za-z]{5,}", payload)[0]
-        assert word in user, (payload, word)
+        if ex.meta["withheld"]:
+            withheld += 1
+            assert word not in user and "[withheld: " in user, (payload, user)
+        else:
+            shown += 1
+            assert word in user, (payload, word)
         # ...but never in the answer, and the verdict is the clean input's.
         answer = json.loads(ex.answer)
         assert payload[:25] not in ex.answer
@@ -75,7 +81,7 @@ def test_injection_targets_ignore_the_payload(small_set: SmallSet) -> None:
                 (clean["label"], clean["severity"], clean["causal_chain"])
             checked += 1
         assert answer["label"] == ex.truth or (answer["label"] == "uncertain")
-    assert checked >= 1
+    assert checked >= 1 and withheld >= 1 and shown >= 1, (checked, withheld, shown)
 
 
 def test_prompts_are_exactly_build_prompt(small_set: SmallSet) -> None:
