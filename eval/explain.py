@@ -54,6 +54,7 @@ from agent.records import (
     Verdict,
     check_citations,
 )
+from eval.hdfs import CALIBRATION_SLICE
 from eval.results import percentile, write_result
 
 __all__ = ["ExtraPassageStore", "INJECTION_PAYLOADS", "RULE_CASES", "SuiteCandidates", "hdfs_part", "injection_suite", "rule_suite",
@@ -457,10 +458,11 @@ def hdfs_part(data_dir: Path, model: Any, store: Any, *, limit: int = 200, seed:
 
 # ================================================================================ calibration
 
-CALIBRATION_SPLIT = (0.5, 0.8)
-"""The calibration slice: sessions between 50% and 80% of the chronological order, scored by
-a detector fitted on the normal sessions of the first 50%. Disjoint from the reported test
-part (the last 20%), so the weights are not tuned on the sessions they are reported on."""
+CALIBRATION_SPLIT = CALIBRATION_SLICE
+"""The calibration slice: the reserved sessions (:func:`eval.hdfs.calibration_blocks`, never in
+the fine-tuning data) between 50% and 80% of the chronological order, scored by a detector
+fitted on the normal sessions of the first 50%. Disjoint from the reported test part (the last
+20%), so the weights are not tuned on the sessions they are reported on."""
 
 
 def calibration_part(data_dir: Path, model: Any, store: Any, *, limit: int = 60, seed: int = 1,
@@ -472,12 +474,12 @@ def calibration_part(data_dir: Path, model: Any, store: Any, *, limit: int = 60,
     rules-only fallback counts as wrong.
     """
     from detectors.registry import make_detector
-    from eval.hdfs import balanced_sample, load_hdfs, make_split
+    from eval.hdfs import balanced_sample, calibration_blocks, load_hdfs, make_split
 
     data = load_hdfs(Path(data_dir))
-    lo, hi = CALIBRATION_SPLIT
+    lo, _hi = CALIBRATION_SPLIT
     split = make_split(data, lo)
-    window = set(data.order[int(len(data.order) * lo):int(len(data.order) * hi)])
+    window = calibration_blocks(data.order)
     detector = make_detector("log-ensemble")
     detector.fit(split.train_normal)
     pool = [i for i, s in enumerate(split.test) if s.id in window]

@@ -10,6 +10,7 @@ detector's own rule on training scores (``contamination``), never from test labe
 from __future__ import annotations
 
 import csv
+import hashlib
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -104,6 +105,24 @@ def make_split(data: HDFSData, train_fraction: float, parser: ParserConfig | Non
         y_train=np.array([data.labels[s.id] for s in train_all]),
         parser_seconds=elapsed,
     )
+
+
+CALIBRATION_SLICE = (0.5, 0.8)
+"""Where the calibration sessions come from: between 50% and 80% of the chronological order,
+after the detector's fitting data (the first 50%) and before the test part (the last 20%)."""
+
+
+def calibration_blocks(order: Sequence[str]) -> frozenset[str]:
+    """The sessions reserved for measuring the explainer's decision weights.
+
+    Every other block of :data:`CALIBRATION_SLICE` (chosen by a hash of its id, so the choice
+    does not depend on the order of anything else). Why reserved: the weights say how much to
+    trust the tuned model, so they must be measured on sessions it was not trained on, and the
+    fine-tuning data (``finetune.dataset``) leaves these out; the other half of the slice trains.
+    """
+    lo, hi = CALIBRATION_SLICE
+    window = order[int(len(order) * lo):int(len(order) * hi)]
+    return frozenset(b for b in window if int(hashlib.sha256(b.encode()).hexdigest()[:8], 16) % 2 == 0)
 
 
 def balanced_sample(pool: Sequence[int], labels: Sequence[Any], limit: int, rng: random.Random) -> tuple[list[int], int]:

@@ -11,6 +11,7 @@ import pytest
 from ft_support import SMALL, SmallSet
 
 from agent.explain import Explainer
+from eval.hdfs import calibration_blocks
 from finetune.dataset import (
     TRAIN_INJECTION_PAYLOADS,
     DatasetError,
@@ -27,8 +28,11 @@ from finetune.dataset import (
 def test_only_training_blocks_are_used(small_set: SmallSet) -> None:
     data, pool = small_set.data, small_set.pool
     n_train = int(len(data.order) * SMALL.train_fraction)
-    held_out = set(data.order[n_train:])
-    assert pool.held_out == held_out and len(held_out) == len(data.order) - n_train > 0
+    reserved = calibration_blocks(data.order)  # the explainer's calibration sessions
+    assert reserved and not reserved & set(data.order[n_train:])
+    held_out = set(data.order[n_train:]) | reserved
+    assert pool.held_out == held_out and len(data.order) - n_train > 0
+    assert pool.training_blocks == n_train - len(reserved)
     blocks = {ex.block for ex in small_set.examples}
     assert blocks and not blocks & held_out
     text = "\n".join(m["content"] for ex in small_set.examples for m in ex.messages)
