@@ -605,7 +605,7 @@ def run(data_dir: Path | None, out: Path | None, *, model: str | Any = "smollm2-
             weights = DecisionWeights.from_accuracy(cal["detector_accuracy"], cal["model_accuracy"])
             if save_weights:
                 entry = {k: cal[k] for k in ("detector_accuracy", "model_accuracy", "sessions")}
-                entry["measured_by"] = "anomaly-agent eval explain --save-weights (HDFS 2%, 50-80% slice)"
+                entry["measured_by"] = "anomaly-agent eval explain --save-weights (HDFS 2%, reserved sessions of the 50-80% slice)"
                 entry["date"] = time.strftime("%Y-%m-%d")
                 result["weights_saved_to"] = str(save_measured_weights(model_id, adapter, entry))
         if weights is None:

@@ -228,8 +228,8 @@ class BuildConfig:
     """The first 80% of the blocks, minus the calibration sessions
     (:func:`eval.hdfs.calibration_blocks`, half the blocks between 50% and 80%), where the
     model's accuracy is measured for the decision weights; 80-100% is the test part. Why not
-    just the first 50%: a run trained on that lost 15 points of held-out label accuracy (0.775
-    vs 0.925), since later normal traffic (re-replication) never appeared in its data."""
+    just the first 50%: normal re-replication traffic starts only after the first half of the
+    sample, so it would never appear in the data."""
     fit_fraction: float = 0.75
     anomalies: int = 150
     normal_flagged: int = 60

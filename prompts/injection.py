@@ -1,7 +1,7 @@
 """Instruction-like text in untrusted data: found, and kept away from the model.
 
 Why: the explainer's DATA blocks and the tuned model's training keep most injected
-instructions from changing a verdict, but not all. Measured with the tuned SmolLM2 voting at
+instructions from changing a verdict, but not all. Measured with an earlier tuned SmolLM2 voting at
 its measured weight (3.37 vs the detector's 4.08), 8 of the 24 injection-suite cases changed
 the verdict (2 labels, 6 severities) while 0 of 10 changed it without the vote. A 135M model
 reads text; it cannot be relied on to refuse it. So text that *addresses a reader* -- chat-
