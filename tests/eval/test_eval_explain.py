@@ -161,3 +161,17 @@ def test_hdfs_part_takes_every_alert_of_the_stale_detector(tmp_path: Path, monke
     assert res["false_alarms_rejected"] == sum(r["detector"] and not r["truth"] and r["label"] == "normal"
                                                for r in rows.values())
     assert 0.0 <= res["accuracy"] <= 1.0 and res["valid_cited"] == len(rows)
+
+
+def test_calibration_sessions_are_a_stable_half_of_the_slice_and_never_test() -> None:
+    from eval.hdfs import CALIBRATION_SLICE, calibration_blocks
+
+    order = [f"blk_{i * 7919 % 100003}" for i in range(1000)]
+    reserved = calibration_blocks(order)
+    lo, hi = CALIBRATION_SLICE
+    window = set(order[int(len(order) * lo):int(len(order) * hi)])
+    assert reserved <= window and 0.35 < len(reserved) / len(window) < 0.65
+    # The choice depends on the block id only: another order of the same window keeps it.
+    shuffled = order[:int(len(order) * lo)] + sorted(window) + order[int(len(order) * hi):]
+    assert calibration_blocks(shuffled) == reserved
+    assert not reserved & set(order[int(len(order) * ev.TEST_FROM):])
