@@ -9,9 +9,11 @@ Where the cases come from (per labelled log: the HDFS 2% sample, or a synthetic 
 ``eval.synth`` for tests)
 -------------------------------------------------------------------------------------------
 1. The chronological split of :func:`eval.hdfs.make_split` with ``train_fraction`` 0.8 picks
-   the *training* blocks; the rest (the held-out test part, what ``finetune.evaluate`` and
-   ``eval explain`` measure on) is dropped before anything is parsed: no test line is read into
-   a session, and :attr:`CasePool.held_out` lists the ids so tests can check it.
+   the *training* blocks, minus the calibration sessions (:func:`eval.hdfs.calibration_blocks`,
+   where ``eval explain`` measures the model's decision weight); the rest (the held-out test
+   part, what ``finetune.evaluate`` and ``eval explain`` measure on) and the calibration
+   sessions are dropped before anything is parsed: no such line is read into a session, and
+   :attr:`CasePool.held_out` lists the ids so tests can check it.
 2. Inside the training part a second chronological split (``fit_fraction`` 0.75) learns the
    templates and fits ``log-ensemble`` on the normal blocks of its first 75%; the normal blocks
    of the last 25% were never seen by the detector, so their candidates look like real
