@@ -72,8 +72,8 @@ MAX_STEP_IDS = 3
 # What the teacher writes stays well inside those limits. Why: a model that learned to copy a
 # line up to the exact limit does not stop there -- with steps of up to 80 characters and 3 ids,
 # 15% of the tuned model's held-out answers (no grammar) had a step of 81+ characters or 4 ids.
-TAUGHT_STEP = 64
-TAUGHT_STEP_IDS = 2
+TAUGHT_STEP = MAX_STEP - 16
+TAUGHT_STEP_IDS = MAX_STEP_IDS - 1
 MAX_ACTION = 50
 MAX_ACTIONS = 2
 

@@ -128,14 +128,13 @@ def test_percentile_and_overhead() -> None:
     assert o["share_of_model_time"] == pytest.approx(0.25)
 
 
-def test_hdfs_part_takes_every_alert_of_the_stale_detector(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_hdfs_part_takes_every_alert_of_the_stale_detector(tmp_path: Path) -> None:
     """Alerts mode: every test-part session the detector flags is explained, plus unflagged ones."""
     import eval.hdfs
     from detectors.registry import make_detector
     from finetune.dataset import synth_log_data
 
     data = synth_log_data(tmp_path, n_blocks=160, anomaly_rate=0.2, seed=5)
-    monkeypatch.setattr(eval.hdfs, "load_hdfs", lambda _d: data)
 
     def reading(messages: Sequence[Message], schema: dict[str, Any] | None) -> str:
         user = "\n".join(m.content for m in messages if m.role == "user").lower()
@@ -152,7 +151,7 @@ def test_hdfs_part_takes_every_alert_of_the_stale_detector(tmp_path: Path, monke
     alerts = {s.id for s, sc in zip(test, det.score(test)) if float(sc) > float(det.threshold_)}
     assert alerts, "the synthetic test part must raise alerts"
 
-    res = ev.hdfs_part(tmp_path, FakeModel(reading, "fake-reading"), None, limit=len(alerts) + 5, fit_fraction=0.5,
+    res = ev.hdfs_part(ev.HDFSPrep(data), FakeModel(reading, "fake-reading"), None, limit=len(alerts) + 5, fit_fraction=0.5,
                        alerts=True, weights=ev.DecisionWeights(), echo=lambda _s: None)
     rows = {r["block"]: r for r in res["rows"]}
     assert alerts <= set(rows) <= test_ids and len(rows) == min(len(test), len(alerts) + 5)
