@@ -163,3 +163,17 @@ def test_load_refuses_bad_data_sets(small_set: SmallSet, tmp_path: Path) -> None
         load_dataset(tmp_path / "missing.jsonl")
     with pytest.raises(DatasetError, match="empty data set"):
         write_dataset([], tmp_path / "none.jsonl")
+
+
+def test_full_view_anomalies_show_what_the_deployed_detector_sees(small_set: SmallSet) -> None:
+    """Second views of anomalies come from a detector fitted on all training normals: training
+    blocks only (checked above), anomalous, and with evidence that differs from the first view."""
+    full = [ex for ex in small_set.examples if ex.id.endswith(":anomaly:full")]
+    assert full and len(full) <= SMALL.anomalies_full_view
+    plain = {ex.block: ex for ex in small_set.examples if ex.case == "anomaly" and ex.meta["part"] != "full"}
+    for ex in full:
+        assert ex.case == "anomaly" and ex.truth == "anomaly" and ex.label == "anomaly" and ex.meta["part"] == "full"
+        other = plain.get(ex.block)
+        if other is not None:
+            assert other.messages[1]["content"] != ex.messages[1]["content"]
+    assert len(small_set.pool.anomalies_full) <= len(small_set.pool.anomalies)
