@@ -58,7 +58,7 @@ __all__ = [
     "teach",
 ]
 
-TEACHER_VERSION = "teacher/2"
+TEACHER_VERSION = "teacher/3"
 """Bump when the teacher's output for the same input changes; recorded in the data-set manifest."""
 
 Truth = Literal["anomaly", "normal"]
@@ -263,6 +263,19 @@ class Fact:
     first_line: int | None
 
 
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def _visible(fact: Fact, ev: Evidence, prompt: Any, sequence: str | None) -> Fact:
+    """``fact``, or the start of the evidence's summary when the fact quotes a number the prompt
+    does not show (a line or count cut off by the prompt's limits): a target must only state
+    what the model can read."""
+    shown = str(getattr(prompt, "user", ""))
+    if all(n in shown for n in _NUMBER.findall(fact.text)):
+        return fact
+    return Fact(fact.alias, fact.category, _cut(_mask(ev.summary, sequence), TAUGHT_STEP), fact.first_line)
+
+
 def fact_of(alias: str, ev: Evidence, sequence: str | None = None) -> Fact:
     """The sentence a causal step states about ``ev``: a line, a count, a value -- copied, not invented."""
     d = ev.data
@@ -287,7 +300,8 @@ def fact_of(alias: str, ev: Evidence, sequence: str | None = None) -> Fact:
     elif reason == "count_deviation" and "observed" in d:
         tpl = str(d.get("template") or (templates[0] if templates else "template"))
         if isinstance(d.get("expected"), (int, float)):
-            tail = f"' vs {float(d['expected']):.2g} expected"
+            # As the detector's summary prints it ({exp:.1f}): the number the model can see.
+            tail = f"' vs {float(d['expected']):.1f} expected"
         else:
             tail = "' is off the normal counts"
         head = f"{d['observed']} x '"
@@ -299,9 +313,13 @@ def fact_of(alias: str, ev: Evidence, sequence: str | None = None) -> Fact:
         exp = d.get("expected")
         text = f"{d['observed']} {kind}-level lines vs {float(exp):.2g} expected, from {where}" if isinstance(
             exp, (int, float)) else f"{d['observed']} {kind}-level lines from {where}"
-    elif reason == "rare_cooccurrence" and len(lines) >= 2:
-        seen, n = d.get("normal_sequences_with_pair"), d.get("normal_sequences")
-        text = f"templates at lines {lines[0]} and {lines[-1]} co-occur in {seen} of {n} normal"
+    elif reason == "rare_cooccurrence" and len(dict.fromkeys(templates)) >= 2:
+        # The two templates (both shown as "template:" rows; the summary names the line). The
+        # partner's line and the "0 of 8881" count sit past the prompt's cut of the summary:
+        # teacher/2 quoted them, teaching the model to write numbers it cannot see.
+        a, b = list(dict.fromkeys(templates))[:2]
+        room = (TAUGHT_STEP - len("'' with ''")) // 2
+        text = f"'{_cut(a, room)}' with '{_cut(b, room)}'"
     else:
         text = _mask(ev.summary, sequence)
     return Fact(alias=alias, category=cat, text=_cut(text, TAUGHT_STEP), first_line=first)
@@ -442,7 +460,7 @@ def teach(candidate: Candidate, prompt: Any, truth: Truth, *, passages: Sequence
     seq = sequence if isinstance(sequence, str) else None
     by_id = {ev.id: ev for ev in candidate.evidence}
     shown = [(alias, by_id[prompt.real_id(alias)]) for alias in prompt.evidence_ids]
-    facts = [fact_of(alias, ev, seq) for alias, ev in shown]
+    facts = [_visible(fact_of(alias, ev, seq), ev, prompt, seq) for alias, ev in shown]
     base = _base(candidate, facts, truth)
     label, sev, conf, used = _with_rules(base, rules, candidate)
 

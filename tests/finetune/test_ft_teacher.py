@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import pytest
@@ -51,6 +52,8 @@ def test_anomalies_get_valid_cited_faithful_answers(cands: SuiteCandidates, kind
         assert claim_supported(step["text"], step["evidence_ids"], shown), step
         # Written with a margin below the schema's 80 characters and 3 ids (see TAUGHT_STEP).
         assert len(step["text"]) <= TAUGHT_STEP and len(step["evidence_ids"]) <= TAUGHT_STEP_IDS
+        # Every number a step quotes is one the model can read in the prompt.
+        assert all(n in r.prompt.user for n in re.findall(r"-?\d+(?:\.\d+)?", step["text"])), step
     assert answer["anomaly_type"] != "none" and len(answer["summary"]) <= 120
     # The exact bytes are stable (deterministic teacher).
     assert answer_text(answer) == answer_text(_teach(cand, "anomaly")[0])
@@ -151,3 +154,22 @@ def test_fixed_rule_records_are_deterministic() -> None:
     assert a == b and a.created == FIXED_TIME and a.compiled
     assert training_rule("Blocks during the nightly backup are normal", "R-003") is None  # not compilable
     assert Label.NORMAL.value == "normal"
+
+
+def test_steps_quote_only_numbers_the_prompt_shows(cands: SuiteCandidates) -> None:
+    """A rare co-occurrence's partner line and pair count sit past the prompt's cut of the
+    summary; teacher/2 quoted them. Now the step names the two shown templates instead, and any
+    fact quoting an unshown number falls back to the (shown) start of the summary."""
+    cand = cands.get("redundant_add")
+    assert cand is not None
+    pair = Evidence(id="log-cooccurrence.E9", kind=EvidenceKind.LOG_LINES,
+                    summary="'" + "A" * 60 + " <BLK>' (line 7) and '" + "B" * 60 + "' (line 91234) occur together in only 0 of 8881 normal sequences",
+                    data={"reason": "rare_cooccurrence", "lines": [7, 8, 9, 91234], "total_lines": 4,
+                          "templates": ["Alpha event <BLK>", "Alpha event <BLK>", "Alpha event <BLK>", "Beta event <BLK>"],
+                          "normal_sequences_with_pair": 0, "normal_sequences": 8881})
+    cand = cand.model_copy(update={"evidence": (pair,)})
+    answer, r = _teach(cand, "anomaly")
+    assert "91234" not in r.prompt.user and "8881" not in r.prompt.user  # cut off by the prompt
+    step = answer["causal_chain"][0]
+    assert "'Alpha event <BLK>' with 'Beta event <BLK>'" == step["text"]
+    assert "91234" not in json.dumps(answer) and "8881" not in json.dumps(answer)
