@@ -24,15 +24,16 @@ Where the cases come from (per labelled log: the HDFS 2% sample, or a synthetic 
    * ``anomaly`` -- labelled-anomalous blocks with evidence. Anomalous blocks *without*
      evidence (missed by the detector, score below threshold) are left out and counted: their
      prompt is indistinguishable from a quiet normal block, so any target teaches noise.
-     Some anomalies appear twice (variant ``full``): also as a detector fitted on *every*
+     With ``anomalies_full_view`` > 0 (off by default) some anomalies appear twice (variant
+     ``full``): also as a detector fitted on *every*
      normal block of the training part sees them -- as the deployed detector, fitted on all the
      normal data there is, does. Why: the inner detector has not seen the re-replication traffic
      of the later normal blocks, so it shows re-replicated anomalies as "unseen templates";
      the deployed detector knows those templates and shows the anomaly as a rare combination
      ("invalidSet and replicate occur together in 0 of 8881 normal sequences"). Without this
-     view that evidence kind was nearly absent from training, and the tuned models wrote
-     unsupported or malformed steps on exactly those test sessions (4-5 of 40). Only anomalies
-     whose evidence differs between the two views get the second one.
+     view that evidence kind is rare in training, and the tuned models wrote unsupported or
+     malformed steps on exactly those test sessions (4-5 of 40). Only anomalies whose evidence
+     differs between the two views get the second one.
    * ``normal`` -- held-out normal blocks, flagged ones (the detector's false positives: cite
      what was flagged, judged normal) and quiet ones (no evidence).
    * ``uncertain`` -- anomalous candidates with their evidence removed and the score just
@@ -243,8 +244,11 @@ class BuildConfig:
     sample, so it would never appear in the data."""
     fit_fraction: float = 0.75
     anomalies: int = 150
-    anomalies_full_view: int = 60
-    """At most this many anomalies again, as the detector fitted on all training normals shows them."""
+    anomalies_full_view: int = 0
+    """At most this many anomalies again, as the detector fitted on all training normals shows them.
+    Off by default: 60 of them (run v6, teacher/2) did not help -- label accuracy 0.825,
+    faithfulness 0.893 on the held-out eval, the co-occurrence steps still malformed; the cause
+    was the teacher quoting numbers the prompt cuts off (fixed in teacher/3)."""
     normal_flagged: int = 60
     normal_quiet: int = 100
     """Quiet normal blocks (no evidence): 60 left the model answering "uncertain" for 9 of 20
