@@ -58,8 +58,8 @@ from eval.hdfs import (
     CALIBRATION_SLICE,
     balanced_sample,
     calibration_blocks,
+    fitted_split,
     load_hdfs,
-    make_split,
 )
 from eval.results import percentile, write_result
 
@@ -393,12 +393,8 @@ class HDFSPrep:
     def fitted(self, fit_fraction: float) -> tuple[Any, Any, float]:
         """(split, detector, seconds to build them) for the first ``fit_fraction`` of the blocks."""
         if fit_fraction not in self._fitted:
-            from detectors.registry import make_detector
-
             t0 = time.perf_counter()
-            split = make_split(self.data, fit_fraction)
-            detector = make_detector("log-ensemble")
-            detector.fit(split.train_normal)
+            split, detector = fitted_split(self.data, fit_fraction)
             self._fitted[fit_fraction] = (split, detector, time.perf_counter() - t0)
         return self._fitted[fit_fraction]
 

@@ -107,6 +107,17 @@ def make_split(data: HDFSData, train_fraction: float, parser: ParserConfig | Non
     )
 
 
+def fitted_split(data: HDFSData, train_fraction: float, detector: str = "log-ensemble") -> tuple[Split, Any]:
+    """The chronological split and ``detector`` fitted on its normal training sessions: what the
+    explainer evals and the fine-tuning data score candidates with."""
+    from detectors.registry import make_detector
+
+    split = make_split(data, train_fraction)
+    fitted = make_detector(detector)
+    fitted.fit(split.train_normal)
+    return split, fitted
+
+
 CALIBRATION_SLICE = (0.5, 0.8)
 """Where the calibration sessions come from: between 50% and 80% of the chronological order,
 after the detector's fitting data (the first 50%) and before the test part (the last 20%)."""

@@ -75,7 +75,7 @@ import prompts
 from agent.explain import Explainer
 from agent.records import Candidate
 from eval.explain import ExtraPassageStore
-from eval.hdfs import HDFSData, calibration_blocks, make_split
+from eval.hdfs import HDFSData, calibration_blocks, fitted_split, make_split
 from finetune.teacher import TEACHER_VERSION, Truth, answer_text, check_target, teach
 from knowledge.rules import Rule, compile_rule, matches, predicate_json
 from prompts.injection import shown_as_is
@@ -231,7 +231,7 @@ class Manifest:
 class BuildConfig:
     """How many cases of each kind to draw per labelled log, and the splits.
 
-    The defaults give 464 examples on the HDFS sample: more than one default training run uses
+    The defaults give 404 examples on the HDFS sample: more than one default training run uses
     (150 steps x 2 = 300, see ``finetune/configs/smollm2-135m.yaml``), so the seeded sample the
     trainer draws still covers every case kind.
     """
@@ -247,12 +247,13 @@ class BuildConfig:
     anomalies_full_view: int = 0
     """At most this many anomalies again, as the detector fitted on all training normals shows them.
     Off by default: 60 of them (run v6, teacher/2) did not help -- label accuracy 0.825,
-    faithfulness 0.893 on the held-out eval, the co-occurrence steps still malformed; the cause
-    was the teacher quoting numbers the prompt cuts off (fixed in teacher/3)."""
+    faithfulness 0.893 on the held-out eval, the co-occurrence steps still malformed. (teacher/3
+    then stopped quoting numbers the prompt cuts off; its run v7 still failed those steps.)"""
     normal_flagged: int = 60
     normal_quiet: int = 100
     """Quiet normal blocks (no evidence): 60 left the model answering "uncertain" for 9 of 20
-    quiet held-out normals; 100 (with 150 training steps) fixed that (label accuracy 0.775 -> 0.975)."""
+    quiet held-out normals; 100 (with 150 training steps) left none (label accuracy 0.775 -> 0.975
+    in run v5, 0.90 in run v7 with teacher/3)."""
     uncertain: int = 30
     rule_cases: int = 60
     injection_cases: int = 60
@@ -347,11 +348,7 @@ def _evidence_key(c: Candidate) -> tuple[str, ...]:
 def _full_view(sub: HDFSData, anomalies: Sequence[Labelled], source: str) -> tuple[Labelled, ...]:
     """``anomalies`` as a detector fitted on every normal block of the training part shows them
     (templates learned from all of them too), where their evidence differs from the inner view."""
-    from detectors.registry import make_detector
-
-    full = make_split(sub, 1.0)
-    detector = make_detector("log-ensemble")
-    detector.fit(full.train_normal)
+    full, detector = fitted_split(sub, 1.0)
     by_id = {s.id: s for s in full.train_all}
     seqs = [by_id[a.candidate.locator.get("sequence")] for a in anomalies]
     out = []

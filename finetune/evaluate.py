@@ -105,12 +105,9 @@ def _explainer(store: Any) -> Explainer:
 def heldout_cases(data: Any, part: str, *, limit: int, seed: int = 0, store: Any = None,
                   train_fraction: float = 0.8, source: str = "HDFS_2pct.log") -> list[EvalCase]:
     """``limit`` balanced test-part sessions of a labelled log (HDFSData), as candidates + teacher answers."""
-    from detectors.registry import make_detector
-    from eval.hdfs import balanced_sample, make_split
+    from eval.hdfs import balanced_sample, fitted_split
 
-    split = make_split(data, train_fraction)
-    detector = make_detector("log-ensemble")
-    detector.fit(split.train_normal)
+    split, detector = fitted_split(data, train_fraction)
     chosen, _ = balanced_sample(range(len(split.y_test)), split.y_test, limit, random.Random(seed))
     seqs = [split.test[i] for i in chosen]
     scores = detector.score(seqs) if seqs else []
