@@ -13,9 +13,12 @@ from ft_support import SMALL, SmallSet
 from agent.explain import Explainer
 from eval.hdfs import calibration_blocks
 from finetune.dataset import (
+    COUNT_FIELDS,
     TRAIN_INJECTION_PAYLOADS,
+    BuildConfig,
     DatasetError,
     Example,
+    build,
     build_examples,
     case_pool,
     load_dataset,
@@ -177,3 +180,47 @@ def test_full_view_anomalies_show_what_the_deployed_detector_sees(small_set: Sma
         if other is not None:
             assert other.messages[1]["content"] != ex.messages[1]["content"]
     assert len(small_set.pool.anomalies_full) <= len(small_set.pool.anomalies)
+
+
+def _reasons(c: object) -> set[str]:
+    return {str(ev.data.get("reason")) for ev in c.evidence}  # type: ignore[attr-defined]
+
+
+def test_anomalies_are_shared_out_between_evidence_reasons(small_set: SmallSet) -> None:
+    """The rarest evidence reason is taken whole; a uniform sample would mirror the pool's skew."""
+    import random
+
+    from finetune.dataset import _stratified
+
+    pool = small_set.pool.anomalies
+    counts: dict[str, int] = {}
+    for lab in pool:
+        for r in _reasons(lab.candidate):
+            counts[r] = counts.get(r, 0) + 1
+    rarest = min(counts, key=lambda r: (counts[r], r))
+    assert len(counts) >= 2 and counts[rarest] < len(pool) // 2, counts
+    n = len(pool) // 2
+    picked = _stratified(pool, n, random.Random(0))
+    assert len(picked) == n and len({id(x) for x in picked}) == n
+    # Never rarer than in the pool (a uniform sample's expectation) ...
+    assert sum(rarest in _reasons(x.candidate) for x in picked) / n >= counts[rarest] / len(pool)
+    # ... and whole once the equal share (n over at most len(counts) groups) covers it.
+    n = min(len(pool) - 1, counts[rarest] * len(counts))
+    picked = _stratified(pool, n, random.Random(1))
+    assert sum(rarest in _reasons(x.candidate) for x in picked) == counts[rarest]
+    assert picked == _stratified(pool, n, random.Random(1))  # seeded
+    assert [pool.index(x) for x in picked] == sorted(pool.index(x) for x in picked)  # pool order kept
+    assert _stratified(pool, len(pool) + 5, random.Random(0)) == list(pool)
+
+
+def test_scaled_config_and_per_origin_scale(small_set: SmallSet, tmp_path: Path) -> None:
+    half = SMALL.scaled(0.5)
+    assert all(getattr(half, f) == round(getattr(SMALL, f) * 0.5) for f in COUNT_FIELDS)
+    assert (half.seed, half.train_fraction, half.fit_fraction) == (SMALL.seed, SMALL.train_fraction, SMALL.fit_fraction)
+    with pytest.raises(ValueError, match="-1"):
+        BuildConfig().scaled(-1)
+    full = build([("synth", small_set.data)], tmp_path / "full.jsonl", cfg=SMALL, echo=lambda _: None)
+    scaled = build([("synth", small_set.data)], tmp_path / "half.jsonl", cfg=SMALL, scale={"synth": 0.5},
+                   echo=lambda _: None)
+    assert scaled.examples < full.examples and scaled.settings["scale"] == {"synth": 0.5}
+    assert scaled.cases["injection"] <= half.injection_cases
