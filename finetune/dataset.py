@@ -609,10 +609,11 @@ def _stratified(items: Sequence[Labelled], n: int, rng: random.Random) -> list[L
     """
     if n >= len(items):
         return list(items)
-    count = Counter(r for lab in items for r in _reasons(lab))
+    reasons = [_reasons(lab) for lab in items]
+    count = Counter(r for rs in reasons for r in rs)
     groups: dict[str, list[int]] = {}
-    for i, lab in enumerate(items):
-        key = min(_reasons(lab), key=lambda r: (count[r], r)) if lab.candidate.evidence else ""
+    for i, rs in enumerate(reasons):
+        key = min(rs, key=lambda r: (count[r], r)) if rs else ""
         groups.setdefault(key, []).append(i)
     picked: list[int] = []
     left = n
@@ -814,9 +815,9 @@ def main(argv: list[str] | None = None) -> int:
                          f"(default {SYNTH_SCALE})")
     ap.add_argument("--out", required=True, help="the JSON-lines file to write (manifest written beside it)")
     ap.add_argument("--no-knowledge", action="store_true", help="render prompts without the example knowledge base")
-    for name, default in asdict(BuildConfig()).items():
-        if name in ("train_fraction", "fit_fraction", "seed"):
-            continue
+    defaults = BuildConfig()
+    for name in COUNT_FIELDS:
+        default = getattr(defaults, name)
         ap.add_argument(f"--{name.replace('_', '-')}", type=int, default=default,
                         help=f"at most this many (default {default})")
     ap.add_argument("--seed", type=int, default=0)
@@ -827,7 +828,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: give --data-dir (HDFS sample) and/or --synth BLOCKS", file=sys.stderr)
         return 2
     try:
-        cfg = BuildConfig(**{k: getattr(a, k) for k in asdict(BuildConfig()) if k not in ("train_fraction", "fit_fraction")})
+        cfg = BuildConfig(seed=a.seed, **{k: getattr(a, k) for k in COUNT_FIELDS})
         with tempfile.TemporaryDirectory(prefix="finetune-data-") as tmp:
             sources: list[tuple[str, HDFSData]] = []
             if a.data_dir is not None:
