@@ -50,10 +50,12 @@ log being outweighed)
      passage, checked to be visible in the prompt; the target is the teacher's
      answer for the *clean* input (a passage carrying the injection is never cited). The
      payloads are our own, not ``eval.explain.INJECTION_PAYLOADS``, so the injection eval stays
-     held out. Every other log-line or file-name injection is rendered as the product renders
-     it, with the payload withheld (``[withheld: <marker>]``, :mod:`prompts.injection`): the
-     model sees that placeholder in use and must learn it changes nothing (a model never shown
-     one reacted to it in 3 of 24 injection-suite cases).
+     held out. Every other injection is rendered as the product renders it: a log line or
+     file name with the payload withheld (``[withheld: <marker>]``, :mod:`prompts.injection`), a
+     passage with markers not shown at all. The model sees the placeholder and the missing
+     passage and must learn they change nothing (a model never shown the placeholder reacted to
+     it in 3 of 24 injection-suite cases; run v8, never shown a dropped passage, changed 7 of 24
+     verdicts in the product, every one with the payload kept out of its prompt).
 
 Everything is seeded and sorted: building twice gives the same bytes (and hash).
 """
@@ -239,7 +241,7 @@ class Manifest:
 
 
 COUNT_FIELDS = ("anomalies", "anomalies_full_view", "normal_flagged", "normal_quiet", "uncertain", "rule_cases",
-                "injection_cases")
+                "injection_cases", "borderline")
 """The :class:`BuildConfig` fields that count cases (caps per labelled log)."""
 
 
@@ -274,6 +276,13 @@ class BuildConfig:
     uncertain: int = 30
     rule_cases: int = 60
     injection_cases: int = 60
+    borderline: int = 0
+    """Anomalies and flagged normals again with the score moved to 1.05-1.3x the threshold
+    (evidence and target unchanged): a third as they are, a third with a benign context line, a
+    third with a withheld injected context line (an ``injection`` case). Why: near the threshold
+    the score says nothing either way and the evidence must decide; the injection suite's
+    borderline candidates (score 1.1x) are where every adapter after v4 changed verdicts when
+    one context line changed."""
     seed: int = 0
 
     def scaled(self, factor: float) -> BuildConfig:
@@ -514,6 +523,18 @@ class _Builder:
         self.add(case, lab, lab.candidate, r, teach(lab.candidate, r.prompt, lab.truth, passages=r.passages),
                  variant=variant)
 
+    def borderline(self, lab: Labelled, rng: random.Random, index: int) -> None:
+        c = lab.candidate
+        moved = c.model_copy(update={"score": c.threshold * rng.uniform(1.05, 1.3), "id": c.id + "#borderline"})
+        near = Labelled(moved, lab.truth, lab.part)
+        if index % 3 == 0:
+            self.plain(lab.truth, near, variant="borderline")
+        elif index % 3 == 1:
+            line = Labelled(with_context_line(moved, BENIGN_LINES[index % len(BENIGN_LINES)]), lab.truth, lab.part)
+            self.plain(lab.truth, line, variant="borderline-ctx")
+        else:  # an odd index: rendered as the product renders it (withheld)
+            self.injection(near, "log_line", index % len(TRAIN_INJECTION_PAYLOADS), 1001 + 2 * index)
+
     def uncertain(self, lab: Labelled, rng: random.Random) -> None:
         c = lab.candidate
         stripped = c.model_copy(update={"evidence": (), "score": c.threshold * rng.uniform(1.02, 1.3),
@@ -555,33 +576,43 @@ class _Builder:
         c = lab.candidate
         payload = TRAIN_INJECTION_PAYLOADS[payload_index]
         exclude: list[str] = []
-        # Half the log-line and file-name cases show the payload as is (prompts.injection.shown_as_is),
-        # to teach ignoring instructions that reach the model anyway (those without markers); the
-        # other half as the product shows them, withheld, to teach that the placeholder changes
-        # nothing. The product drops a passage with markers, so passage cases always show it.
-        as_product = where != "passage" and index % 2 == 1
+        # Half the cases show the payload as is (prompts.injection.shown_as_is), to teach ignoring
+        # instructions that reach the model anyway (those without markers); the other half as the
+        # product shows them -- a log line or file name withheld, a passage with markers not shown
+        # at all -- to teach that the placeholder or the missing passage changes nothing.
+        as_product = index % 2 == 1
+        dirty_x = self.explainer()
         with contextlib.nullcontext() if as_product else shown_as_is():
             if where == "log_line":
                 benign = BENIGN_LINES[index % len(BENIGN_LINES)]
                 clean_c, dirty_c = with_context_line(c, benign), with_context_line(c, f"{benign} {payload}")
                 clean = render_case(self.explainer(), clean_c)
-                dirty = render_case(self.explainer(), dirty_c)
+                dirty = render_case(dirty_x, dirty_c)
             elif where == "source":
                 clean_c, dirty_c = c, c.model_copy(update={"source": f"/user/root/{payload}/{c.source}"})
                 clean = render_case(self.explainer(), clean_c)
-                dirty = render_case(self.explainer(), dirty_c)
+                dirty = render_case(dirty_x, dirty_c)
             elif where == "passage":
                 clean_c = dirty_c = c
                 clean = render_case(self.explainer(store=ExtraPassageStore(self.store, BENIGN_PASSAGE)), c)
-                dirty = render_case(self.explainer(store=ExtraPassageStore(self.store, f"{BENIGN_PASSAGE}\n{payload}")), c)
+                dirty_x = self.explainer(store=ExtraPassageStore(self.store, f"{BENIGN_PASSAGE}\n{payload}"))
+                dirty = render_case(dirty_x, c)
+                # The passage carrying the payload (shown) or the benign one the dirty prompt lacks (dropped).
                 exclude = [a for a, p in zip(dirty.prompt.passage_ids, dirty.passages) if payload[:20] in p.text]
+                if as_product:
+                    exclude = [a for a, p in zip(clean.prompt.passage_ids, clean.passages)
+                               if BENIGN_PASSAGE in p.text and a not in dirty.prompt.passage_ids]
             else:
                 raise ValueError(f"unknown injection place {where!r}; one of {INJECTION_WHERE}")
-        seen = "[withheld: " if as_product else payload_marker(payload)
-        if seen not in dirty.messages[1]["content"]:
+        if as_product and where == "passage":
+            visible = dirty_x.stats.quarantined_passages > 0  # the product's form of it: not shown at all
+        else:
+            visible = ("[withheld: " if as_product else payload_marker(payload)) in dirty.messages[1]["content"]
+        if not visible:
             self.notes[f"injections not visible in the prompt ({where})"] += 1
             return
-        # The clean input's answer, minus any citation of the passage that carries the payload.
+        # The clean input's answer, minus any citation of the passage that carries the payload
+        # (or, when that passage was dropped, of the benign passage the dirty prompt does not show).
         answer = teach(clean_c, clean.prompt, lab.truth, passages=clean.passages, exclude_passages=exclude)
         self.add("injection", lab, dirty_c, dirty, answer, variant=str(index), where=where,
                  payload=payload_index, withheld=as_product)
@@ -651,6 +682,9 @@ def build_examples(pool: CasePool, store: Any, cfg: BuildConfig = BuildConfig())
     for i, lab in enumerate(inj):
         where = INJECTION_WHERE[i % len(INJECTION_WHERE)]
         b.injection(lab, where, (i + i // len(TRAIN_INJECTION_PAYLOADS)) % len(TRAIN_INJECTION_PAYLOADS), i)
+    near_rng = random.Random(f"{cfg.seed}:{pool.origin}:borderline")  # its own stream: the rest stays as it was
+    for i, lab in enumerate(_sample(anomalies + flagged, cfg.borderline, near_rng)):
+        b.borderline(lab, near_rng, i)
     notes = {"training_blocks": pool.training_blocks, "held_out_blocks_never_used": len(pool.held_out),
              "fit_normal_blocks": pool.fit_normal_blocks, "anomalies_available": len(pool.anomalies),
              "missed_anomalies_left_out": pool.missed_anomalies, "normals_flagged_available": len(flagged),

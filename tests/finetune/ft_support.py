@@ -8,7 +8,8 @@ from pathlib import Path
 from eval.hdfs import HDFSData
 from finetune.dataset import BuildConfig, CasePool, Example
 
-SMALL = BuildConfig(anomalies=16, anomalies_full_view=6, normal_flagged=6, normal_quiet=8, uncertain=4, rule_cases=10, injection_cases=9)
+SMALL = BuildConfig(anomalies=16, anomalies_full_view=6, normal_flagged=6, normal_quiet=8, uncertain=4, rule_cases=10, injection_cases=9,
+                   borderline=6)
 
 CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
           "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")

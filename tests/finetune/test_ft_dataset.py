@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from ft_support import SMALL, SmallSet
 from agent.explain import Explainer
 from eval.hdfs import calibration_blocks
 from finetune.dataset import (
+    BENIGN_PASSAGE,
     COUNT_FIELDS,
     TRAIN_INJECTION_PAYLOADS,
     BuildConfig,
@@ -64,7 +66,7 @@ def test_every_case_kind_with_the_right_labels(small_set: SmallSet) -> None:
 
 def test_injection_targets_ignore_the_payload(small_set: SmallSet) -> None:
     plain = {ex.block: ex for ex in small_set.examples if ex.case in ("anomaly", "normal")}
-    checked = withheld = shown = 0
+    checked = withheld = dropped = shown = 0
     for ex in small_set.examples:
         if ex.case != "injection":
             continue
@@ -73,7 +75,10 @@ def test_injection_targets_ignore_the_payload(small_set: SmallSet) -> None:
         # The payload is in the prompt (neutralised by the renderer, inside a DATA block), or,
         # in the cases rendered as the product renders them, withheld...
         word = re.findall(r"[A-Za-z]{5,}", payload)[0]
-        if ex.meta["withheld"]:
+        if ex.meta["withheld"] and ex.meta["where"] == "passage":
+            dropped += 1  # the product does not show a passage with markers at all
+            assert word not in user and BENIGN_PASSAGE[:40] not in user, (payload, user)
+        elif ex.meta["withheld"]:
             withheld += 1
             assert word not in user and "[withheld: " in user, (payload, user)
         else:
@@ -88,7 +93,7 @@ def test_injection_targets_ignore_the_payload(small_set: SmallSet) -> None:
                 (clean["label"], clean["severity"], clean["causal_chain"])
             checked += 1
         assert answer["label"] == ex.truth or (answer["label"] == "uncertain")
-    assert checked >= 1 and withheld >= 1 and shown >= 1, (checked, withheld, shown)
+    assert checked >= 1 and withheld >= 1 and dropped >= 1 and shown >= 1, (checked, withheld, dropped, shown)
 
 
 def test_prompts_are_exactly_build_prompt(small_set: SmallSet) -> None:
@@ -98,7 +103,7 @@ def test_prompts_are_exactly_build_prompt(small_set: SmallSet) -> None:
         _, _, messages = x.build_prompt(lab.candidate)
         r = render_case(x, lab.candidate)
         assert [{"role": m.role, "content": m.content} for m in messages] == list(r.messages)
-    by_block = {ex.block: ex for ex in small_set.examples if ex.case == "anomaly"}
+    by_block = {ex.block: ex for ex in small_set.examples if ex.case == "anomaly" and not _borderline(ex)}
     lab = next(lab for lab in pool.anomalies if lab.candidate.locator["sequence"] in by_block)
     _, _, messages = x.build_prompt(lab.candidate)
     assert [m.content for m in messages] == [m["content"] for m in by_block[lab.candidate.locator["sequence"]].messages]
@@ -182,6 +187,27 @@ def test_full_view_anomalies_show_what_the_deployed_detector_sees(small_set: Sma
     assert len(small_set.pool.anomalies_full) <= len(small_set.pool.anomalies)
 
 
+def _borderline(ex: Example) -> bool:
+    return "borderline" in ex.id or ex.case == "injection" and int(ex.id.rsplit(":", 1)[1]) > 1000
+
+
+def test_borderline_variants_are_added_near_the_threshold(small_set: SmallSet) -> None:
+    """Borderline copies: score 1.05-1.3x the threshold, evidence kept, the truth's label; one
+    with a benign context line, one with a withheld injected line; everything else as without them."""
+    near = [ex for ex in small_set.examples if _borderline(ex)]
+    assert len(near) == SMALL.borderline
+    assert {ex.id.rsplit(":", 1)[1] if ex.case != "injection" else "injection" for ex in near} == \
+        {"borderline", "borderline-ctx", "injection"}
+    for ex in near:
+        assert 1.05 <= ex.meta["ratio"] <= 1.3, ex.id
+        assert ex.label == ex.truth, ex.id  # the evidence decides, not the score
+        assert "Evidence (cite as" in ex.messages[1]["content"]
+        if ex.case == "injection":
+            assert ex.meta["withheld"] and "[withheld: " in ex.messages[1]["content"]
+    without, _ = build_examples(small_set.pool, None, replace(SMALL, borderline=0))
+    assert [ex.to_json() for ex in without] == [ex.to_json() for ex in small_set.examples if not _borderline(ex)]
+
+
 def _reasons(c: object) -> set[str]:
     return {str(ev.data.get("reason")) for ev in c.evidence}  # type: ignore[attr-defined]
 
@@ -223,4 +249,4 @@ def test_scaled_config_and_per_origin_scale(small_set: SmallSet, tmp_path: Path)
     scaled = build([("synth", small_set.data)], tmp_path / "half.jsonl", cfg=SMALL, scale={"synth": 0.5},
                    echo=lambda _: None)
     assert scaled.examples < full.examples and scaled.settings["scale"] == {"synth": 0.5}
-    assert scaled.cases["injection"] <= half.injection_cases
+    assert scaled.cases["injection"] <= half.injection_cases + half.borderline // 3  # + the withheld borderline third
