@@ -38,6 +38,9 @@ log being outweighed)
      view that evidence kind is rare in training, and the tuned models wrote unsupported or
      malformed steps on exactly those test sessions (4-5 of 40). Only anomalies whose evidence
      differs between the two views get the second one.
+     With ``borderline`` > 0 (off by default) some anomalies and flagged normals appear again
+     with the score just above the threshold (variants ``borderline``, ``borderline-ctx`` and
+     ``injection`` numbered above 1000; see :attr:`BuildConfig.borderline`).
    * ``normal`` -- held-out normal blocks, flagged ones (the detector's false positives: cite
      what was flagged, judged normal) and quiet ones (no evidence).
    * ``uncertain`` -- anomalous candidates with their evidence removed and the score just
@@ -282,7 +285,9 @@ class BuildConfig:
     third with a withheld injected context line (an ``injection`` case). Why: near the threshold
     the score says nothing either way and the evidence must decide; the injection suite's
     borderline candidates (score 1.1x) are where every adapter after v4 changed verdicts when
-    one context line changed."""
+    one context line changed. Off by default: 45 (run v11, 609 examples) made it worse -- 18 of
+    24 injection-suite verdicts unchanged in the product against 22 without (run v10), though
+    label accuracy rose 0.825 -> 0.95 on the held-out eval."""
     seed: int = 0
 
     def scaled(self, factor: float) -> BuildConfig:
@@ -465,6 +470,8 @@ def with_context_line(cand: Candidate, line: str) -> Candidate:
     item): the prompt shows at most two lines per evidence item, so a line appended to an item
     that already has two is never seen, and an injection the model never sees teaches nothing.
     A separate item is always shown (it is placed within the first ``MAX_EVIDENCE`` items).
+    (Placing it first in half the cases, as the injection suite does, was tried in run v12: no
+    gain, 18/24 in the product as without it.)
     """
     from agent.records import Evidence, EvidenceKind
 
