@@ -604,11 +604,12 @@ class _Builder:
                 clean = render_case(self.explainer(store=ExtraPassageStore(self.store, BENIGN_PASSAGE)), c)
                 dirty_x = self.explainer(store=ExtraPassageStore(self.store, f"{BENIGN_PASSAGE}\n{payload}"))
                 dirty = render_case(dirty_x, c)
-                # The passage carrying the payload (shown) or the benign one the dirty prompt lacks (dropped).
-                exclude = [a for a, p in zip(dirty.prompt.passage_ids, dirty.passages) if payload[:20] in p.text]
+                # Never cite the benign passage the dirty prompt lacks (dropped) or the one carrying the payload (shown).
                 if as_product:
                     exclude = [a for a, p in zip(clean.prompt.passage_ids, clean.passages)
                                if BENIGN_PASSAGE in p.text and a not in dirty.prompt.passage_ids]
+                else:
+                    exclude = [a for a, p in zip(dirty.prompt.passage_ids, dirty.passages) if payload[:20] in p.text]
             else:
                 raise ValueError(f"unknown injection place {where!r}; one of {INJECTION_WHERE}")
         if as_product and where == "passage":
