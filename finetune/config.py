@@ -103,6 +103,13 @@ class TrainSpec(_Strict):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     quantization: Literal["none", "nf4"] = "none"
     gradient_checkpointing: bool = False
+    consistency: float = Field(0.0, ge=0.0, le=100.0)
+    """Weight of the twin-consistency term: for an injection example that carries its clean twin
+    (``finetune-data --twins``), KL(clean || injected) over the answer tokens, the clean side's
+    distribution held fixed (no gradient). Why: cross-entropy on the same target teaches the
+    injected prompt the right answer token by token, but not that its *whole* distribution --
+    the confidence near a decision, the severity digit -- must not move with one changed line;
+    the term asks for exactly that. 0 (default) turns it off."""
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainSpec:
@@ -146,6 +153,8 @@ class FinetuneConfig(_Strict):
         d["train"].pop("threads", None)
         d["train"].pop("save_every", None)
         d["train"].pop("keep_checkpoints", None)
+        if not d["train"].get("consistency"):
+            d["train"].pop("consistency", None)  # off: the digest of the runs before it existed
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode("utf-8")).hexdigest()
 
 

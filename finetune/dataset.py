@@ -59,6 +59,8 @@ log being outweighed)
      passage and must learn they change nothing (a model never shown the placeholder reacted to
      it in 3 of 24 injection-suite cases; run v8, never shown a dropped passage, changed 7 of 24
      verdicts in the product, every one with the payload kept out of its prompt).
+     With ``twins`` (off by default) each injection example also stores its clean twin's prompt
+     (:attr:`Example.twin`) for the trainer's consistency term (``train.consistency``).
 
 Everything is seeded and sorted: building twice gives the same bytes (and hash).
 """
@@ -200,6 +202,11 @@ class Example:
         label: The answer's label (checked against ``answer`` when loading).
         severity: The answer's severity.
         meta: Case details (rule text, injection place and payload index, score ratio).
+        twin: For an injection case built with ``BuildConfig.twins``: the messages of its clean
+            twin (the same candidate without the injection), whose target is the same answer.
+            The trainer's consistency term (``train.consistency``) pulls the injected prompt's
+            answer distribution towards the clean one's. Left out of the JSON line when absent,
+            so data sets without twins keep their bytes and hash.
     """
 
     id: str
@@ -212,18 +219,24 @@ class Example:
     label: str
     severity: int
     meta: dict[str, Any] = field(default_factory=dict)
+    twin: tuple[dict[str, str], ...] | None = None
 
     def to_json(self) -> str:
         """The canonical line: sorted keys, no spaces, UTF-8 text (hashing depends on it)."""
         d = asdict(self)
         d["messages"] = list(d["messages"])
+        if d["twin"] is None:
+            del d["twin"]
+        else:
+            d["twin"] = list(d["twin"])
         return json.dumps(d, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Example:
         return cls(id=d["id"], case=d["case"], origin=d["origin"], block=d["block"], truth=d["truth"],
                    messages=tuple(dict(m) for m in d["messages"]), answer=d["answer"], label=d["label"],
-                   severity=int(d["severity"]), meta=dict(d.get("meta") or {}))
+                   severity=int(d["severity"]), meta=dict(d.get("meta") or {}),
+                   twin=tuple(dict(m) for m in d["twin"]) if d.get("twin") is not None else None)
 
 
 @dataclass(frozen=True)
@@ -288,6 +301,9 @@ class BuildConfig:
     one context line changed. Off by default: 45 (run v11, 609 examples) made it worse -- 18 of
     24 injection-suite verdicts unchanged in the product against 22 without (run v10), though
     label accuracy rose 0.825 -> 0.95 on the held-out eval."""
+    twins: bool = False
+    """Store each injection case's clean twin (:attr:`Example.twin`) for the trainer's
+    consistency term. Adds no example and changes no target; without it the bytes are as before."""
     seed: int = 0
 
     def scaled(self, factor: float) -> BuildConfig:
@@ -622,8 +638,11 @@ class _Builder:
         # The clean input's answer, minus any citation of the passage that carries the payload
         # (or, when that passage was dropped, of the benign passage the dirty prompt does not show).
         answer = teach(clean_c, clean.prompt, lab.truth, passages=clean.passages, exclude_passages=exclude)
-        self.add("injection", lab, dirty_c, dirty, answer, variant=str(index), where=where,
-                 payload=payload_index, withheld=as_product)
+        ex = self.add("injection", lab, dirty_c, dirty, answer, variant=str(index), where=where,
+                      payload=payload_index, withheld=as_product)
+        if self.cfg.twins:
+            check_target(answer, clean.prompt, clean.schema)  # the same target must fit the clean prompt too
+            self.examples[-1] = replace(ex, twin=clean.messages)
 
 
 def _sample(items: Sequence[Labelled], n: int, rng: random.Random) -> list[Labelled]:
@@ -771,6 +790,13 @@ def _check_example(ex: Example, where: str) -> None:
         raise DatasetError(f"{where}: a {ex.case!r} case must be labelled {expected!r}, got {ex.label!r}")
     if ex.case == "anomaly" and ex.truth != "anomaly" or ex.case == "normal" and ex.truth != "normal":
         raise DatasetError(f"{where}: a {ex.case!r} case has truth {ex.truth!r}")
+    if ex.twin is not None:
+        twin_roles = [m.get("role") for m in ex.twin]
+        if ex.case != "injection":
+            raise DatasetError(f"{where}: only injection cases have a clean twin, this is a {ex.case!r} case")
+        if twin_roles != ["system", "user"] or not all(isinstance(m.get("content"), str) and m["content"]
+                                                       for m in ex.twin):
+            raise DatasetError(f"{where}: twin must be a system and a user message with text, got roles {twin_roles}")
 
 
 def load_dataset(path: str | Path, *, verify: bool = True) -> tuple[list[Example], Manifest | None]:
@@ -862,6 +888,9 @@ def main(argv: list[str] | None = None) -> int:
         default = getattr(defaults, name)
         ap.add_argument(f"--{name.replace('_', '-')}", type=int, default=default,
                         help=f"at most this many (default {default})")
+    ap.add_argument("--twins", action="store_true",
+                    help="store each injection case's clean twin, for the trainer's consistency term "
+                         "(train.consistency in the config)")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
     if a.synth is None:
@@ -870,7 +899,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: give --data-dir (HDFS sample) and/or --synth BLOCKS", file=sys.stderr)
         return 2
     try:
-        cfg = BuildConfig(seed=a.seed, **{k: getattr(a, k) for k in COUNT_FIELDS})
+        cfg = BuildConfig(seed=a.seed, twins=a.twins, **{k: getattr(a, k) for k in COUNT_FIELDS})
         with tempfile.TemporaryDirectory(prefix="finetune-data-") as tmp:
             sources: list[tuple[str, HDFSData]] = []
             if a.data_dir is not None:

@@ -76,6 +76,8 @@ class Encoded:
     case: str
     input_ids: tuple[int, ...]
     labels: tuple[int, ...]
+    twin_ids: tuple[int, ...] | None = None
+    """The clean twin's prompt + the same answer tokens (injection cases built with twins)."""
 
     @property
     def answer_tokens(self) -> int:
@@ -109,7 +111,15 @@ def encode(tok: Any, ex: Example, max_length: int) -> Encoded | None:
         raise DatasetError(f"example {ex.id}: the answer tokenises to nothing")
     if len(p_ids) + len(c_ids) > max_length:
         return None
-    return Encoded(ex.id, ex.case, tuple(p_ids + c_ids), tuple([IGNORE] * len(p_ids) + c_ids))
+    twin: tuple[int, ...] | None = None
+    if ex.twin is not None:
+        t_prompt, t_completion = chat_texts(tok, ex.twin, ex.answer)
+        t_ids = list(tok(t_prompt, add_special_tokens=False)["input_ids"])
+        if list(tok(t_completion, add_special_tokens=False)["input_ids"]) != c_ids:  # pragma: no cover - same template
+            raise DatasetError(f"example {ex.id}: its twin's answer tokenises differently")
+        if len(t_ids) + len(c_ids) <= max_length:  # a twin too long is left out, the example kept
+            twin = tuple(t_ids + c_ids)
+    return Encoded(ex.id, ex.case, tuple(p_ids + c_ids), tuple([IGNORE] * len(p_ids) + c_ids), twin)
 
 
 def batch_indices(step: int, spec: TrainSpec, n: int) -> list[list[int]]:
@@ -168,6 +178,30 @@ def answer_loss(model: Any, batch: dict[str, Any]) -> Any:
     logits = out.logits[:, :-1, :]
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
                                              labels[:, first:].reshape(-1), ignore_index=IGNORE)
+
+
+def twin_loss(model: Any, e: Encoded, weight: float, device: Any) -> Any:
+    """Cross-entropy on ``e``'s answer plus ``weight`` x KL(clean twin || ``e``) over the answer tokens.
+
+    The twin's prompt differs from ``e``'s by the injection only and both end in the same answer
+    tokens, so the last ``n`` positions of each predict the same tokens. The twin's distribution is
+    computed without gradient: it is the target, as the teacher's answer is for cross-entropy.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    n = e.answer_tokens
+    ids = torch.tensor([e.input_ids], device=device)
+    logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), logits_to_keep=n + 1).logits[0, :-1].float()
+    ce = F.cross_entropy(logits, torch.tensor(e.labels[-n:], device=device))
+    if e.twin_ids is None or weight <= 0:
+        return ce
+    with torch.no_grad():
+        t_ids = torch.tensor([e.twin_ids], device=device)
+        t_logits = model(input_ids=t_ids, attention_mask=torch.ones_like(t_ids), logits_to_keep=n + 1).logits[0, :-1]
+    kl = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(t_logits.float(), -1), log_target=True,
+                  reduction="batchmean")
+    return ce + weight * kl
 
 
 def _collate(items: Sequence[Encoded], pad_id: int) -> dict[str, Any]:
@@ -412,7 +446,12 @@ def train(cfg: FinetuneConfig, data: str | Path, out: str | Path, *, echo: Echo 
     train_set = [e for i, e in enumerate(encoded) if i not in eval_idx]
     if not train_set:
         raise DatasetError(f"{data}: no training examples left after holding out {n_eval} for evaluation")
-    echo(f"{cfg.name}: {len(train_set)} training examples ({dict(Counter(e.case for e in train_set))}), "
+    twins = sum(e.twin_ids is not None for e in train_set)
+    if spec.consistency > 0 and not twins:
+        echo(f"warning: train.consistency is {spec.consistency:g} but no training example has a clean twin "
+             "(build the data set with finetune-data --twins); the term does nothing")
+    echo(f"{cfg.name}: {len(train_set)} training examples ({dict(Counter(e.case for e in train_set))}, "
+         f"{twins} with a clean twin), "
          f"{len(held)} held out, {len(dropped)} longer than {spec.max_length} tokens dropped; "
          f"base {base.name} loaded in {load_s:.1f} s")
 
@@ -467,8 +506,12 @@ def train(cfg: FinetuneConfig, data: str | Path, out: str | Path, *, echo: Echo 
         for micro in batch_indices(step, spec, len(train_set)):
             items = [train_set[i] for i in micro]
             ids.extend(e.id for e in items)
-            batch = {k: v.to(device) for k, v in _collate(items, pad_id).items()}
-            loss = answer_loss(model, batch) / spec.grad_accum
+            if spec.consistency > 0 and any(e.twin_ids is not None for e in items):
+                # one at a time: each item's answer positions are compared with its own twin's
+                loss = sum(twin_loss(model, e, spec.consistency, device) for e in items) / (len(items) * spec.grad_accum)
+            else:
+                batch = {k: v.to(device) for k, v in _collate(items, pad_id).items()}
+                loss = answer_loss(model, batch) / spec.grad_accum
             loss.backward()
             step_loss += float(loss.detach())
             step_tokens += sum(len(e.input_ids) for e in items)
@@ -572,6 +615,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--restart", action="store_true", help="discard existing checkpoints instead of resuming")
     ap.add_argument("--steps", type=int, default=None, help="override train.steps (e.g. a short timing run)")
     ap.add_argument("--threads", type=int, default=None, help="override train.threads")
+    ap.add_argument("--consistency", type=float, default=None, metavar="W",
+                    help="override train.consistency (the twin-consistency weight; needs a data set built with --twins)")
     ap.add_argument("--no-export", action="store_true", help="do not write adapter.gguf")
     a = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -581,6 +626,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides["train.steps"] = a.steps
     if a.threads is not None:
         overrides["train.threads"] = a.threads
+    if a.consistency is not None:
+        overrides["train.consistency"] = a.consistency
     if a.no_export:
         overrides["export.gguf"] = False
     try:

@@ -35,6 +35,17 @@ def small_set(synth_data: HDFSData, tmp_path_factory: pytest.TempPathFactory) ->
 
 
 @pytest.fixture(scope="session")
+def twin_set(small_set: SmallSet, tmp_path_factory: pytest.TempPathFactory) -> SmallSet:
+    """The small set built again with every injection case's clean twin (``BuildConfig.twins``)."""
+    from dataclasses import replace
+
+    examples, notes = build_examples(small_set.pool, None, replace(SMALL, twins=True))
+    path = tmp_path_factory.mktemp("ft_twins") / "ft.jsonl"
+    write_dataset(examples, path, {"test": True, "twins": True}, notes)
+    return SmallSet(path, examples, small_set.pool, small_set.data)
+
+
+@pytest.fixture(scope="session")
 def tiny_base(small_set: SmallSet, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A randomly initialised 2-layer Llama and a ChatML word-level tokenizer over the data set's words."""
     transformers = pytest.importorskip("transformers")

@@ -250,3 +250,32 @@ def test_scaled_config_and_per_origin_scale(small_set: SmallSet, tmp_path: Path)
                    echo=lambda _: None)
     assert scaled.examples < full.examples and scaled.settings["scale"] == {"synth": 0.5}
     assert scaled.cases["injection"] <= half.injection_cases + half.borderline // 3  # + the withheld borderline third
+
+
+def test_twins_are_the_clean_prompts_with_the_same_target(small_set: SmallSet, twin_set: SmallSet,
+                                                          tmp_path: Path) -> None:
+    """With ``twins`` every injection case carries its clean twin's prompt and nothing else changes."""
+    assert len(twin_set.examples) == len(small_set.examples)
+    for plain, ex in zip(small_set.examples, twin_set.examples):
+        assert replace(ex, twin=None).to_json() == plain.to_json()  # same bytes without the twin
+        assert (ex.twin is not None) == (ex.case == "injection"), ex.id
+        if ex.twin is None:
+            continue
+        clean, dirty = ex.twin[1]["content"], ex.messages[1]["content"]
+        assert ex.twin[0] == ex.messages[0] and clean != dirty
+        payload = TRAIN_INJECTION_PAYLOADS[ex.meta["payload"]]
+        assert "[withheld: " not in clean and payload[:20] not in clean, ex.id
+        if ex.meta["where"] == "passage":
+            assert BENIGN_PASSAGE[:40] in clean  # the clean twin shows the benign passage
+    loaded, _ = load_dataset(twin_set.path)
+    assert [e.twin for e in loaded] == [e.twin for e in twin_set.examples]
+    # Only an injection case may carry a twin.
+    lines = twin_set.path.read_text(encoding="utf-8").splitlines()
+    i = next(k for k, line in enumerate(lines) if json.loads(line)["case"] == "anomaly")
+    row = json.loads(lines[i])
+    row["twin"] = row["messages"]
+    path = tmp_path / "bad.jsonl"
+    manifest_path(path).write_text(manifest_path(twin_set.path).read_text())
+    _rewrite(path, lines[:i] + [json.dumps(row)] + lines[i + 1:])
+    with pytest.raises(DatasetError, match=rf"bad.jsonl:{i + 1}: only injection cases have a clean twin"):
+        load_dataset(path)

@@ -33,6 +33,7 @@ from finetune.train import (
     lr_at,
     swap_in,
     train,
+    twin_loss,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -183,6 +184,46 @@ def test_order_and_schedule_are_deterministic() -> None:
     lrs = [lr_at(s, spec) for s in range(1, 21)]
     assert lrs[0] == pytest.approx(2.5e-4) and lrs[3] == pytest.approx(1e-3)
     assert all(x >= y for x, y in itertools.pairwise(lrs[3:])) and lrs[-1] == pytest.approx(1e-4)
+
+
+def test_twin_consistency_term(tiny_base: Path, small_set: SmallSet, twin_set: SmallSet, tmp_path: Path) -> None:
+    """Weight 0 or a twin equal to the prompt: plain cross-entropy; a real twin adds a KL > 0 that trains."""
+    from dataclasses import replace
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_base))
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_base))
+    ex = next(x for x in twin_set.examples if x.twin is not None)
+    e = encode(tok, ex, 8192)
+    assert e is not None and e.twin_ids is not None and e.twin_ids != e.input_ids
+    n = e.answer_tokens
+    assert e.twin_ids[-n:] == e.input_ids[-n:]  # both end in the same answer tokens
+    with torch.no_grad():
+        ce = float(answer_loss(model, _collate([e], 0)))
+        assert float(twin_loss(model, e, 0.0, "cpu")) == pytest.approx(ce, abs=1e-5)
+        same = replace(e, twin_ids=e.input_ids)
+        assert float(twin_loss(model, same, 5.0, "cpu")) == pytest.approx(ce, abs=1e-5)  # KL(p || p) = 0
+    loss = twin_loss(model, e, 5.0, "cpu")
+    assert float(loss) > ce + 1e-6
+    loss.backward()
+    assert any(p.grad is not None and float(p.grad.abs().max()) > 0 for p in model.parameters())
+    # A run with the term trains and says how many examples have a twin; without twins it warns.
+    said: list[str] = []
+    result = train(_cfg(tiny_base, steps=4, consistency=1.0, eval_examples=0), twin_set.path, tmp_path / "run",
+                   echo=said.append)
+    assert result.finished and any(" with a clean twin" in s and not s.startswith("warning") for s in said)
+    said.clear()
+    train(_cfg(tiny_base, steps=2, consistency=1.0, eval_examples=0, save_every=2), small_set.path,
+          tmp_path / "run2", echo=said.append)
+    assert any(s.startswith("warning: train.consistency is 1 but no training example has a clean twin") for s in said)
+
+
+def test_consistency_off_keeps_the_config_digest(tiny_base: Path) -> None:
+    assert _cfg(tiny_base).digest() == _cfg(tiny_base, consistency=0.0).digest()
+    assert _cfg(tiny_base).digest() != _cfg(tiny_base, consistency=0.5).digest()
+    with pytest.raises(ValueError, match="consistency"):
+        _cfg(tiny_base, consistency=-1)
 
 
 # ------------------------------------------------------------------------------ training
