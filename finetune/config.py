@@ -109,7 +109,9 @@ class TrainSpec(_Strict):
     distribution held fixed (no gradient). Why: cross-entropy on the same target teaches the
     injected prompt the right answer token by token, but not that its *whole* distribution --
     the confidence near a decision, the severity digit -- must not move with one changed line;
-    the term asks for exactly that. 0 (default) turns it off."""
+    the term asks for exactly that. 0 (default) turns it off: measured at 1 and 10 (runs v13,
+    v14), 20 and 21 of 24 injection-suite verdicts stayed unchanged in the product against 22
+    without it (run v10), the failures all one severity level on held-out candidates."""
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainSpec:

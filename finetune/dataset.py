@@ -303,7 +303,9 @@ class BuildConfig:
     label accuracy rose 0.825 -> 0.95 on the held-out eval."""
     twins: bool = False
     """Store each injection case's clean twin (:attr:`Example.twin`) for the trainer's
-    consistency term. Adds no example and changes no target; without it the bytes are as before."""
+    consistency term. Adds no example and changes no target; without it the bytes are as before.
+    Off by default: with the term at W = 1 and 10 (runs v13, v14) 20 and 21 of 24 injection-suite
+    verdicts stayed unchanged in the product, against 22 without (run v10)."""
     seed: int = 0
 
     def scaled(self, factor: float) -> BuildConfig:
@@ -525,7 +527,7 @@ class _Builder:
         return Explainer(None, store=self.store if store == "default" else store, rules=list(rules), use_cache=False)
 
     def add(self, case: str, lab: Labelled, cand: Candidate, rendered: Rendered, answer: dict[str, Any],
-            variant: str = "", **meta: Any) -> Example:
+            variant: str = "", twin: tuple[dict[str, str], ...] | None = None, **meta: Any) -> Example:
         check_target(answer, rendered.prompt, rendered.schema)
         block = lab.candidate.locator.get("sequence", lab.candidate.id)
         ex_id = f"{self.origin}:{block}:{case}" + (f":{variant}" if variant else "")
@@ -536,7 +538,8 @@ class _Builder:
         ex = Example(id=ex_id, case=case, origin=self.origin, block=str(cand.locator.get("sequence", cand.id)),
                      truth=lab.truth, messages=rendered.messages, answer=answer_text(answer), label=answer["label"],
                      severity=int(answer["severity"]),
-                     meta={"ratio": round(ratio, 4) if ratio is not None else None, "part": lab.part, **meta})
+                     meta={"ratio": round(ratio, 4) if ratio is not None else None, "part": lab.part, **meta},
+                     twin=twin)
         self.examples.append(ex)
         return ex
 
@@ -638,11 +641,11 @@ class _Builder:
         # The clean input's answer, minus any citation of the passage that carries the payload
         # (or, when that passage was dropped, of the benign passage the dirty prompt does not show).
         answer = teach(clean_c, clean.prompt, lab.truth, passages=clean.passages, exclude_passages=exclude)
-        ex = self.add("injection", lab, dirty_c, dirty, answer, variant=str(index), where=where,
-                      payload=payload_index, withheld=as_product)
         if self.cfg.twins:
             check_target(answer, clean.prompt, clean.schema)  # the same target must fit the clean prompt too
-            self.examples[-1] = replace(ex, twin=clean.messages)
+        self.add("injection", lab, dirty_c, dirty, answer, variant=str(index),
+                 twin=clean.messages if self.cfg.twins else None, where=where, payload=payload_index,
+                 withheld=as_product)
 
 
 def _sample(items: Sequence[Labelled], n: int, rng: random.Random) -> list[Labelled]:
