@@ -766,6 +766,14 @@ def write_dataset(examples: Sequence[Example], out: str | Path, settings: dict[s
     return manifest
 
 
+def _bad_chat(messages: Sequence[dict[str, str]]) -> list[Any] | None:
+    """The roles of ``messages`` when they are not a system and a user message with text, else None."""
+    roles = [m.get("role") for m in messages]
+    if roles != ["system", "user"] or not all(isinstance(m.get("content"), str) and m["content"] for m in messages):
+        return roles
+    return None
+
+
 def _check_example(ex: Example, where: str) -> None:
     from agent.explain import AnswerError, parse_answer
 
@@ -773,8 +781,7 @@ def _check_example(ex: Example, where: str) -> None:
         raise DatasetError(f"{where}: case {ex.case!r} is not one of {list(CASES)}")
     if ex.truth not in ("anomaly", "normal"):
         raise DatasetError(f"{where}: truth {ex.truth!r} is not one of ['anomaly', 'normal']")
-    roles = [m.get("role") for m in ex.messages]
-    if roles != ["system", "user"] or not all(isinstance(m.get("content"), str) and m["content"] for m in ex.messages):
+    if (roles := _bad_chat(ex.messages)) is not None:
         raise DatasetError(f"{where}: messages must be a system and a user message with text, got roles {roles}")
     try:
         answer = parse_answer(ex.answer)
@@ -794,12 +801,10 @@ def _check_example(ex: Example, where: str) -> None:
     if ex.case == "anomaly" and ex.truth != "anomaly" or ex.case == "normal" and ex.truth != "normal":
         raise DatasetError(f"{where}: a {ex.case!r} case has truth {ex.truth!r}")
     if ex.twin is not None:
-        twin_roles = [m.get("role") for m in ex.twin]
         if ex.case != "injection":
             raise DatasetError(f"{where}: only injection cases have a clean twin, this is a {ex.case!r} case")
-        if twin_roles != ["system", "user"] or not all(isinstance(m.get("content"), str) and m["content"]
-                                                       for m in ex.twin):
-            raise DatasetError(f"{where}: twin must be a system and a user message with text, got roles {twin_roles}")
+        if (roles := _bad_chat(ex.twin)) is not None:
+            raise DatasetError(f"{where}: twin must be a system and a user message with text, got roles {roles}")
 
 
 def load_dataset(path: str | Path, *, verify: bool = True) -> tuple[list[Example], Manifest | None]:

@@ -114,9 +114,9 @@ def encode(tok: Any, ex: Example, max_length: int) -> Encoded | None:
     twin: tuple[int, ...] | None = None
     if ex.twin is not None:
         t_prompt, t_completion = chat_texts(tok, ex.twin, ex.answer)
+        if t_completion != completion:  # pragma: no cover - the same template renders the same answer
+            raise DatasetError(f"example {ex.id}: the chat template renders its twin's answer differently")
         t_ids = list(tok(t_prompt, add_special_tokens=False)["input_ids"])
-        if list(tok(t_completion, add_special_tokens=False)["input_ids"]) != c_ids:  # pragma: no cover - same template
-            raise DatasetError(f"example {ex.id}: its twin's answer tokenises differently")
         if len(t_ids) + len(c_ids) <= max_length:  # a twin too long is left out, the example kept
             twin = tuple(t_ids + c_ids)
     return Encoded(ex.id, ex.case, tuple(p_ids + c_ids), tuple([IGNORE] * len(p_ids) + c_ids), twin)
@@ -191,16 +191,18 @@ def twin_loss(model: Any, e: Encoded, weight: float, device: Any) -> Any:
     import torch.nn.functional as F
 
     n = e.answer_tokens
-    ids = torch.tensor([e.input_ids], device=device)
-    logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), logits_to_keep=n + 1).logits[0, :-1].float()
+
+    def answer_logits(token_ids: tuple[int, ...]) -> Any:  # the n positions that predict the answer
+        ids = torch.tensor([token_ids], device=device)
+        return model(input_ids=ids, attention_mask=torch.ones_like(ids), logits_to_keep=n + 1).logits[0, :-1].float()
+
+    logits = answer_logits(e.input_ids)
     ce = F.cross_entropy(logits, torch.tensor(e.labels[-n:], device=device))
     if e.twin_ids is None or weight <= 0:
         return ce
     with torch.no_grad():
-        t_ids = torch.tensor([e.twin_ids], device=device)
-        t_logits = model(input_ids=t_ids, attention_mask=torch.ones_like(t_ids), logits_to_keep=n + 1).logits[0, :-1]
-    kl = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(t_logits.float(), -1), log_target=True,
-                  reduction="batchmean")
+        t_logits = answer_logits(e.twin_ids)
+    kl = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(t_logits, -1), log_target=True, reduction="batchmean")
     return ce + weight * kl
 
 
