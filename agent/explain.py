@@ -519,6 +519,11 @@ class Explainer:
         self.stats = ExplainStats()
         self._retrieved: dict[tuple[Any, ...], list[Any]] = {}
         self.last_answer: ModelAnswer | None = None
+        self.last_choice_probs: dict[str, dict[str, float]] = {}
+        """Of the last fresh model answer: the model's label and severity distributions where it
+        chose them (``Message.choice_probs``; empty on a cache hit or when the backend cannot
+        tell). For diagnosis -- did the model's belief move, or only a near-tie tip? -- not used
+        in the decision: voting with them was measured and not adopted (README, fine-tuning)."""
         """The validated model answer behind the last verdict (None for rules-only ones): the
         model's own label, before the decision, for measuring its accuracy."""
         self._knowledge_version: str | None = None
@@ -648,6 +653,7 @@ class Explainer:
         """A validated verdict for ``candidate`` (model-explained, or rules-only on failure)."""
         self.stats.candidates += 1
         self.last_answer = None
+        self.last_choice_probs = {}
         t0 = time.perf_counter()
         passages = self.retrieve(candidate)
         shown, matched_ids = self.shown_rules(candidate)
@@ -707,6 +713,7 @@ class Explainer:
             if self.cache is not None:
                 self.cache.put(key, answer, material)
             self.last_answer = answer
+            self.last_choice_probs = {k: dict(v) for k, v in reply.choice_probs.items()}
             return verdict
         return self.rules_only(candidate, "model answer failed validation twice", passages,
                                detail=last_error)

@@ -116,6 +116,10 @@ class Message(Record):
     role: Literal["system", "user", "assistant"]
     content: str
     images: tuple[str, ...] = Field(default=())
+    choice_probs: dict[str, dict[str, float]] = Field(default_factory=dict)
+    """An assistant message generated under a schema, by a backend that can see its logits: per
+    enum field, the model's probability of each value where it chose one
+    (:mod:`agent.grammar_decode`). Empty when the backend cannot tell."""
 
     @field_validator("images")
     @classmethod
@@ -530,6 +534,8 @@ class LlamaCppModel:
                 kwargs["response_format"] = {"type": "json_object", "schema": schema}
         timed_out = threading.Event()
 
+        probs: dict[str, dict[str, float]] = {}
+
         def constrained() -> tuple[str, int, Any]:
             from agent.grammar_decode import generate_constrained
 
@@ -543,6 +549,7 @@ class LlamaCppModel:
                     self.last_timing = {"first_token_s": r.first_token_s, "total_s": r.total_s}
                     self.last_usage = {"prompt_tokens": r.prompt_tokens, "cached_prompt_tokens": r.cached_prompt_tokens,
                                        "completion_tokens": r.tokens, "grammar_rejections": r.grammar_rejections}
+                    probs.update({k: dict(v) for k, v in r.choice_probs.items()})
                     return r.text, r.tokens, r.finish_reason
             finally:
                 self._busy.clear()
@@ -599,7 +606,7 @@ class LlamaCppModel:
         if not lazy:
             self.last_usage = {"completion_tokens": n_tokens}
         self.last_finish_reason = finish
-        return Message(role="assistant", content=text)
+        return Message(role="assistant", content=text, choice_probs=probs)
 
     def close(self) -> None:
         """Free the native model."""

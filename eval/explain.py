@@ -306,7 +306,7 @@ def injection_cases(n: int) -> list[tuple[str, str, str]]:
 def injection_suite(model: Any, cands: SuiteCandidates, *, store: Any = None, n: int = 24,
                     weights: DecisionWeights | None = None, echo: Echo = print) -> dict[str, Any]:
     """Dirty vs clean verdicts (label and severity) for ``n`` injected inputs; the cache is off."""
-    clean_cache: dict[tuple[str, str], Verdict] = {}
+    clean_cache: dict[tuple[str, str], tuple[Verdict, dict[str, Any]]] = {}
     rows: list[dict[str, Any]] = []
     stats: list[dict[str, Any]] = []
 
@@ -331,15 +331,19 @@ def injection_suite(model: Any, cands: SuiteCandidates, *, store: Any = None, n:
             clean_x, dirty_x = explainer(BENIGN_PASSAGE), explainer(f"{BENIGN_PASSAGE}\n{payload}")
         ck = (base_kind, where)
         if ck not in clean_cache:
-            clean_cache[ck] = clean_x.explain(clean_c)
+            clean_cache[ck] = (clean_x.explain(clean_c), clean_x.last_choice_probs)
             stats.append(clean_x.stats.as_dict())
-        clean = clean_cache[ck]
+        clean, clean_probs = clean_cache[ck]
         row["payload_visible"] = _payload_visible(dirty_x, dirty_c, payload)
         dirty = dirty_x.explain(dirty_c)
         stats.append(dirty_x.stats.as_dict())
         ok = _key(dirty) == _key(clean)
+        # The model's own label/severity distributions on both sides (when the backend reports
+        # them): a failure where they barely moved is a near-tie tipped; one where they moved far
+        # is the model reacting to the dirty input.
         rows.append({**row, "clean": _key(clean), "dirty": _key(dirty), "clean_by": clean.explained_by.value,
-                     "dirty_by": dirty.explained_by.value, "passed": ok,
+                     "dirty_by": dirty.explained_by.value, "clean_model": clean_probs,
+                     "dirty_model": dirty_x.last_choice_probs, "passed": ok,
                      "why": "" if ok else f"verdict changed {_key(clean)} -> {_key(dirty)}"})
     passed = sum(r["passed"] for r in rows)
     return {"passed": passed, "total": len(rows), "cases": rows, "stats": _sum_stats(stats)}
@@ -548,6 +552,21 @@ def _md_table(cells: dict[str, Any]) -> list[str]:
             "| " + " | ".join(str(v) for v in cells.values()) + " |"]
 
 
+def _model_shift(case: dict[str, Any]) -> str:
+    """"; model P(anomaly) a -> b, expected severity c -> d" for an injection row with both sides' distributions."""
+    def summary(probs: Any) -> tuple[float, float] | None:
+        lab, sev = (probs or {}).get("label"), (probs or {}).get("severity")
+        if not lab or not sev:
+            return None
+        p = lab.get("anomaly", 0.0) + 0.5 * lab.get("uncertain", 0.0)
+        return p, sum(int(k) * v for k, v in sev.items()) / (sum(sev.values()) or 1.0)
+
+    a, b = summary(case.get("clean_model")), summary(case.get("dirty_model"))
+    if a is None or b is None:
+        return ""
+    return f"; model P(anomaly) {a[0]:.2f} -> {b[0]:.2f}, expected severity {a[1]:.2f} -> {b[1]:.2f}"
+
+
 def markdown(result: dict[str, Any]) -> str:
     """The Markdown summary of one run."""
     lines = [f"## Explanation engine eval (model `{result['model']}`)", ""]
@@ -589,7 +608,7 @@ def markdown(result: dict[str, Any]) -> str:
         failed = [c for c in s["cases"] if not c["passed"]]
         for c in failed[:12]:
             what = c.get("case") or f"{c['candidate']} / {c['where']} / {c['payload'][:50]!r}"
-            lines.append(f"- FAILED {what}: {c['why']}")
+            lines.append(f"- FAILED {what}: {c['why']}{_model_shift(c)}")
         if failed:
             lines.append("")
     o = result["overhead"]

@@ -419,3 +419,39 @@ def test_grammar_forbids_raw_control_characters_in_strings() -> None:
     lax = json_schema_to_gbnf(json.dumps(SCHEMA))
     strict = strict_json_strings(lax)
     assert strict != lax and "\\x00-\\x1F" in strict and strict_json_strings(strict) == strict
+
+
+def test_choice_fields_and_the_tokens_that_commit_to_a_value() -> None:
+    from agent.grammar_decode import _groups, choice_fields
+
+    # label and severity can be told apart by one token; confidence (0.1 .. 0.9 share "0.") cannot.
+    assert choice_fields(SCHEMA) == {"label": ('"anomaly"', '"normal"', '"uncertain"'),
+                                     "severity": ("0", "1", "2", "3", "4")}
+    texts = ['"', "an", '"an', "normal", "nor", "x", 'anomaly",', "u", "4", "40", " "]
+    memo: dict[Any, Any] = {"texts": texts}
+    values = ('"anomaly"', '"normal"', '"uncertain"')
+    before_quote = _groups(memo, values, "")
+    assert {k: v.tolist() for k, v in before_quote.items()} == {0: [2]}  # only '"an' commits; '"' fits all three
+    after_quote = {k: v.tolist() for k, v in _groups(memo, values, '"').items()}
+    assert after_quote == {0: [1, 6], 1: [3, 4], 2: [7]}
+    assert {k: v.tolist() for k, v in _groups(memo, ("0", "1", "2", "3", "4"), "").items()} == {4: [8, 9]}
+    assert memo[(values, '"')] is _groups(memo, values, '"')  # made once per model and prefix
+
+
+def test_real_smollm2_reports_its_label_and_severity_distributions() -> None:
+    _real_smollm2()
+    m = LlamaCppModel("smollm2-135m", threads=1, n_ctx=2048)
+    try:
+        reply = m.generate(MESSAGES, schema=SCHEMA, max_tokens=360)
+    finally:
+        m.close()
+    answer = json.loads(reply.content)
+    probs = reply.choice_probs
+    assert set(probs) == {"label", "severity"}, probs
+    assert set(probs["label"]) <= {"anomaly", "normal", "uncertain"}
+    assert set(probs["severity"]) <= {"0", "1", "2", "3", "4"}
+    for dist in probs.values():
+        assert sum(dist.values()) == pytest.approx(1.0, abs=1e-4)
+    # The written value is among those the model could choose where it chose it.
+    assert probs["label"].get(answer["label"], 0.0) > 0.0
+    assert probs["severity"].get(str(answer["severity"]), 0.0) > 0.0

@@ -102,8 +102,26 @@ def test_injection_suite_careful_passes_naive_fails(cands: ev.SuiteCandidates, m
 
     monkeypatch.setattr(prompts, "instruction_marker", lambda _text: None)
     monkeypatch.setattr(ax, "instruction_marker", lambda _text: None)
-    exposed = ev.injection_suite(FakeModel(naive, "fake-naive"), cands, n=24, echo=lambda _s: None)
+    exposed = ev.injection_suite(ProbModel(naive, "fake-naive"), cands, n=24, echo=lambda _s: None)
     assert exposed["passed"] < exposed["total"]
+    # Each row keeps both sides' label/severity distributions; a failure names how far the model moved.
+    failed = next(c for c in exposed["cases"] if not c["passed"] and c["clean"][0] != c["dirty"][0])
+    assert failed["clean_model"]["label"] == {failed["clean"][0]: 1.0}
+    assert failed["dirty_model"]["label"] == {failed["dirty"][0]: 1.0}
+    clean_p, dirty_p = (1.0 if failed[k][0] == "anomaly" else 0.0 for k in ("clean", "dirty"))
+    assert f"model P(anomaly) {clean_p:.2f} -> {dirty_p:.2f}" in ev._model_shift(failed)
+    assert ev._model_shift({"clean_model": {}, "dirty_model": failed["dirty_model"]}) == ""
+
+
+class ProbModel(FakeModel):
+    """Reports its answer's label and severity as certain, as a backend with choice_probs does."""
+
+    def generate(self, messages: Sequence[Message], schema: dict[str, Any] | None = None, max_tokens: int = 384,
+                 temperature: float = 0.0) -> Message:
+        reply = super().generate(messages, schema, max_tokens, temperature)
+        a = json.loads(reply.content)
+        return reply.model_copy(update={"choice_probs": {"label": {a["label"]: 1.0},
+                                                         "severity": {str(a["severity"]): 1.0}}})
 
 
 def test_run_without_data_writes_json_and_markdown(tmp_path: Path) -> None:
