@@ -619,6 +619,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="override train.threads")
     ap.add_argument("--consistency", type=float, default=None, metavar="W",
                     help="override train.consistency (the twin-consistency weight; needs a data set built with --twins)")
+    ap.add_argument("--seed", type=int, default=None,
+                    help="override train.seed (adapter init, dropout and example order): seed-to-seed spread")
     ap.add_argument("--no-export", action="store_true", help="do not write adapter.gguf")
     a = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -630,6 +632,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides["train.threads"] = a.threads
     if a.consistency is not None:
         overrides["train.consistency"] = a.consistency
+    if a.seed is not None:
+        overrides["train.seed"] = a.seed
     if a.no_export:
         overrides["export.gguf"] = False
     try:

@@ -52,3 +52,19 @@ def test_evaluate_main_reports_a_missing_adapter(tmp_path: Path, capsys: pytest.
                           "--out", str(tmp_path / "e.json")]) == 2
     assert "--skip-base needs --adapter" in capsys.readouterr().err
     assert not (tmp_path / "e.json").exists()
+
+
+def test_train_main_overrides_reach_the_config(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    seen: dict[str, object] = {}
+
+    def fake_train(cfg: object, data: object, out: object) -> object:
+        seen["cfg"] = cfg
+        raise KeyboardInterrupt  # stop before any work; main reports how to resume
+
+    monkeypatch.setattr(train, "train", fake_train)
+    assert train.main(["--config", "smollm2-135m", "--data", "d.jsonl", "--out", "run", "--seed", "7", "--steps", "30"]) == 130
+    cfg = seen["cfg"]
+    assert cfg.train.seed == 7 and cfg.train.steps == 30  # type: ignore[attr-defined]
+    assert "resume" in capsys.readouterr().err
+    default = train.load_config("smollm2-135m")
+    assert default.train.seed == 0 and default.digest() != cfg.digest()  # type: ignore[attr-defined]
