@@ -519,13 +519,13 @@ class Explainer:
         self.stats = ExplainStats()
         self._retrieved: dict[tuple[Any, ...], list[Any]] = {}
         self.last_answer: ModelAnswer | None = None
+        """The validated model answer behind the last verdict (None for rules-only ones): the
+        model's own label, before the decision, for measuring its accuracy."""
         self.last_choice_probs: dict[str, dict[str, float]] = {}
         """Of the last fresh model answer: the model's label and severity distributions where it
         chose them (``Message.choice_probs``; empty on a cache hit or when the backend cannot
         tell). For diagnosis -- did the model's belief move, or only a near-tie tip? -- not used
         in the decision: voting with them was measured and not adopted (README, fine-tuning)."""
-        """The validated model answer behind the last verdict (None for rules-only ones): the
-        model's own label, before the decision, for measuring its accuracy."""
         self._knowledge_version: str | None = None
 
     # ------------------------------------------------------------------ versions

@@ -21,7 +21,8 @@ apart (the verdict's ``label`` and ``severity``; not ``confidence``, whose value
 :func:`generate_constrained` also records the model's distribution over the values at the token
 where it chose one: the softmax over the grammar-accepted tokens that each lead to exactly one
 value, summed per value (:attr:`ConstrainedResult.choice_probs`). The decoded tokens do not
-change; the explainer uses the distribution as the model's vote (``agent.explain.decide``).
+change. The distributions are for diagnosis (the injection suite reports how far they moved);
+``agent.explain.decide`` does not vote with them -- that was measured and not adopted (README).
 """
 
 from __future__ import annotations
@@ -248,9 +249,11 @@ def generate_constrained(llm: Any, messages: Sequence[dict[str, str]], schema: d
             if llama_cpp.llama_vocab_is_eog(vocab, tok):
                 finish = "stop"
                 break
-            for name in [n for n, rx in pending.items() if rx.search(tail)]:
-                m = pending[name].search(tail)
-                typed = m.group(1) if m else ""
+            for name, rx in list(pending.items()):
+                m = rx.search(tail)
+                if m is None:
+                    continue
+                typed = m.group(1)
                 if not any(v.startswith(typed) and len(v) > len(typed) for v in fields[name]):
                     del pending[name]  # past the value without a probe (cannot happen under the grammar)
                     continue
