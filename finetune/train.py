@@ -383,6 +383,27 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def _code() -> dict[str, Any]:
+    """The commit of the checkout this trainer runs from, and whether it had local changes.
+
+    Why: the data set's hash and the config name what went in, but the code that built the
+    examples and ran the steps changes between commits (the shipped adapter was made by an older
+    commit's data builder); with the commit recorded, reproducing an adapter is one
+    ``git checkout`` away. ``None`` values outside a git checkout (an installed package).
+    """
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+    return {"commit": commit or None, "dirty": bool(status.strip())}
+
+
 def train(cfg: FinetuneConfig, data: str | Path, out: str | Path, *, echo: Echo = print, restart: bool = False,
           stop_after: int | None = None, cache_dir: str | Path | None = None) -> TrainResult:
     """Train (or resume) the LoRA adapter of ``cfg`` on the data set ``data`` into the run folder ``out``.
@@ -588,6 +609,7 @@ def _write_adapter(model: Any, out: Path, cfg: FinetuneConfig, base: ResolvedBas
         "resumed_from_step": resumed_from,
         "metrics": metrics,
         "versions": _versions(),
+        "code": _code(),
     }
     (tmp / METADATA).write_text(json.dumps(meta, indent=2), encoding="utf-8")
     swap_in(tmp, final)

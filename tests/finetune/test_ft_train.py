@@ -248,6 +248,14 @@ def test_training_learns_and_writes_a_described_adapter(full_run: Any, small_set
     assert meta["base"]["kind"] == "hf" and len(meta["base"]["sha256"]) == 64
     assert meta["steps"] == 12 and meta["config"]["lora"]["r"] == 4 and len(meta["config_sha256"]) == 64
     assert meta["metrics"]["train_losses"] and meta["versions"]["peft"]
+    # The code that made it: this checkout's commit (None only outside a git checkout).
+    root = Path(__file__).resolve().parents[2]
+    if (root / ".git").exists():
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+        assert meta["code"]["commit"] == head and isinstance(meta["code"]["dirty"], bool)
+    else:
+        assert meta["code"] == {"commit": None, "dirty": None}
     weights = _adapter_weights(full_run.adapter)
     assert any("lora_B" in k and float(v.abs().max()) > 0 for k, v in weights.items())  # B left zero init
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_base)), str(full_run.adapter))
