@@ -1345,7 +1345,7 @@ def settings_from_args(args: argparse.Namespace) -> tuple[ServerSettings, bool]:
         if not is_loopback(args.host):
             raise ValueError(f"refusing to listen on {args.host} (not a loopback address) without a token: "
                              f"pass --token or set {TOKEN_ENV}")
-        token = secrets.token_urlsafe(24)
+        token = secrets.token_hex(24)  # hex: never starts with "-", so it can be pasted after --token
         generated = True
     if not 1 <= args.port <= 65535:
         raise ValueError(f"--port {args.port} is not in 1-65535")

@@ -105,16 +105,21 @@ def start_server(workdir: Path, *, model: str = "none", knowledge: bool = True, 
     """
     import httpx
 
+    from agent.api import TOKEN_ENV
+
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     token = secrets.token_urlsafe(18)
     log_path = workdir / "server.log"
-    cmd = [sys.executable, "-m", "agent.api", "--host", "127.0.0.1", "--port", str(port), "--token", token,
+    # The token goes through the environment, not argv: a token_urlsafe value may start with "-",
+    # which argparse reads as an option (a 1-in-64 flaky start), and argv is visible to every user
+    # of the machine in the process list.
+    cmd = [sys.executable, "-m", "agent.api", "--host", "127.0.0.1", "--port", str(port),
            "--store", str(workdir / "store"), "--db", str(workdir / "agent.db"), "--model", model,
            "--log-level", "warning", *([] if knowledge else ["--no-knowledge"]), *extra]
     repo = Path(__file__).resolve().parents[1]
     full_env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-                **(env or {})}
+                TOKEN_ENV: token, **(env or {})}
     with log_path.open("wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=str(repo), env=full_env)
     server = ServerProcess(url=f"http://127.0.0.1:{port}", token=token, proc=proc, log_path=log_path)

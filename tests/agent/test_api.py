@@ -347,3 +347,22 @@ def test_serve_refuses_a_public_address_without_a_token(tmp_path: Path, capsys: 
     assert serve_main(["--port", "70000", "--store", str(tmp_path), "--model", "none"]) == 2
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.5") and not is_loopback("example.org")
+
+
+def test_a_generated_token_can_be_passed_back_on_the_command_line(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import argparse
+
+    from agent.api import add_arguments, settings_from_args
+
+    monkeypatch.delenv("ANOMALY_AGENT_TOKEN", raising=False)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    tokens = set()
+    for _ in range(200):  # a token_urlsafe one started with "-" about 3 times in 200
+        settings, generated = settings_from_args(parser.parse_args(["--store", str(tmp_path), "--model", "none"]))
+        assert generated and len(settings.token) >= 32
+        again = parser.parse_args(["--token", settings.token, "--store", str(tmp_path), "--model", "none"])
+        assert again.token == settings.token
+        tokens.add(settings.token)
+    assert len(tokens) == 200
