@@ -395,13 +395,16 @@ def _code() -> dict[str, Any]:
 
     root = Path(__file__).resolve().parent.parent
     try:
-        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                timeout=10, check=True).stdout.strip()
+        top, commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--show-toplevel", "HEAD"],
+                                     capture_output=True, text=True, timeout=10, check=True).stdout.splitlines()
+        # An installed copy inside some other repository (a venv in a project) is not that repository's code.
+        if Path(top).resolve() != root:
+            return {"commit": None, "dirty": None}
         status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
                                 capture_output=True, text=True, timeout=10, check=True).stdout
-    except (OSError, subprocess.SubprocessError):
+    except (OSError, subprocess.SubprocessError, ValueError):
         return {"commit": None, "dirty": None}
-    return {"commit": commit or None, "dirty": bool(status.strip())}
+    return {"commit": commit, "dirty": bool(status.strip())}
 
 
 def train(cfg: FinetuneConfig, data: str | Path, out: str | Path, *, echo: Echo = print, restart: bool = False,

@@ -266,6 +266,24 @@ def test_training_learns_and_writes_a_described_adapter(full_run: Any, small_set
     assert sorted(p.name for p in (full_run.out / "checkpoints").iterdir()) == ["step-000008", "step-000012"]
 
 
+def test_code_provenance_is_only_this_checkouts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import finetune.train as train_module
+
+    # A copy installed inside some other repository (a venv in a project) must not claim its commit.
+    outer = tmp_path / "project"
+    (outer / "venv" / "site" / "finetune").mkdir(parents=True)
+    subprocess.run(["git", "init", "-q", str(outer)], check=True)
+    subprocess.run(["git", "-C", str(outer), "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q",
+                    "--allow-empty", "-m", "x"], check=True)
+    monkeypatch.setattr(train_module, "__file__", str(outer / "venv" / "site" / "finetune" / "train.py"))
+    assert train_module._code() == {"commit": None, "dirty": None}
+    # Its own checkout's root: that commit.
+    monkeypatch.setattr(train_module, "__file__", str(outer / "finetune" / "train.py"))
+    head = subprocess.run(["git", "-C", str(outer), "rev-parse", "HEAD"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    assert train_module._code() == {"commit": head, "dirty": False}
+
+
 def test_killed_run_resumes_exactly(full_run: Any, tiny_base: Path, small_set: SmallSet, tmp_path: Path) -> None:
     cfg = _cfg(tiny_base, steps=12, save_every=4)
     out = tmp_path / "run"
